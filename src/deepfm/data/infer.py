@@ -1,0 +1,74 @@
+"""``deepfm schema infer``: a starting schema from a sample of a CSV/TSV/Parquet file."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pyarrow as pa
+import pyarrow.compute as pc
+
+from deepfm.data.readers import NUMERIC_RE
+from deepfm.errors import DataError
+from deepfm.schema import Field, Schema
+
+LABEL_NAMES = ("label", "click", "clicked", "target", "y", "is_click")
+
+
+def infer_schema(path: str | Path, label: str | None = None, sample_rows: int = 100_000,
+                 min_count: int = 1, max_numeric_levels: int = 20) -> Schema:
+    """Numbers with many distinct values -> numeric (log transform if non-negative and heavy-tailed);
+    text with a frequent separator ('|', ';', ',' inside a value) -> multi; everything else categorical."""
+    path = Path(path)
+    table = _sample(path, sample_rows)
+    names = table.column_names
+    if label is None:
+        label = next((n for n in names if n.lower() in LABEL_NAMES), None)
+        if label is None:
+            raise DataError(f"cannot tell the label column among {names[:10]}...; pass --label", path=str(path))
+    if label not in names:
+        raise DataError(f"label column {label!r} not found", path=str(path))
+    fields = []
+    for name in names:
+        if name == label or name.lower() == "id":
+            continue
+        col = pc.cast(table.column(name), pa.string())
+        non_null = pc.drop_null(col)
+        numeric = len(non_null) > 0 and pc.all(pc.match_substring_regex(non_null, NUMERIC_RE)).as_py()
+        distinct = pc.count_distinct(non_null).as_py()
+        if numeric and distinct > max_numeric_levels:
+            x = pc.cast(non_null, pa.float64())
+            heavy = pc.min(x).as_py() >= 0 and pc.max(x).as_py() > 100 * max(pc.mean(x).as_py(), 1e-9) ** 0.5
+            fields.append(Field(name, "numeric", transform="log" if heavy else "standardize"))
+            continue
+        for sep in ("|", ";"):
+            share = pc.mean(pc.cast(pc.match_substring(non_null, sep), pa.float64())).as_py() or 0.0
+            if share > 0.1:
+                fields.append(Field(name, "multi", sep=sep, min_count=min_count))
+                break
+        else:
+            fields.append(Field(name, "categorical", min_count=min_count))
+    return Schema(fields=tuple(fields), label=label)
+
+
+def _sample(path: Path, rows: int) -> pa.Table:
+    if path.suffix == ".parquet":
+        import pyarrow.parquet as pq
+
+        pf = pq.ParquetFile(path)
+        return pa.Table.from_batches([next(pf.iter_batches(batch_size=rows))])
+    import pyarrow.csv as pv
+
+    delim = "\t" if path.suffix in (".tsv", ".txt") or path.name.endswith(".tsv.gz") else ","
+    try:
+        reader = pv.open_csv(path, read_options=pv.ReadOptions(block_size=8 << 20),
+                             parse_options=pv.ParseOptions(delimiter=delim),
+                             convert_options=pv.ConvertOptions(strings_can_be_null=True))
+        batches, n = [], 0
+        for b in reader:
+            batches.append(b)
+            n += b.num_rows
+            if n >= rows:
+                break
+    except (pa.ArrowInvalid, OSError) as e:
+        raise DataError(f"cannot read a sample: {e}", path=str(path)) from None
+    return pa.Table.from_batches(batches).slice(0, rows)

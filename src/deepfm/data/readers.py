@@ -1,0 +1,505 @@
+"""Readers: raw files -> a clean, typed Arrow table plus labels, with bad rows reported by file and line.
+
+Every reader returns a :class:`ReadResult` whose ``table`` has one column per schema field (by the
+field's ``source`` name): ``string`` for categorical and multi fields (null = missing) and ``float64``
+for numeric fields (null = missing). Validation is vectorised (Arrow compute); a bad row either raises a
+:class:`DataError` naming file, line and field, or, with ``on_bad_rows="skip"``, is dropped and counted.
+
+Formats: ``criteo`` (Kaggle TSV, no header), ``avazu`` (CSV), ``libfm`` (Frappe/NFM, iPinYou/FNN),
+``movielens`` (RecBole atomic files), ``csv``/``tsv``/``parquet`` (with a schema file).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.csv as pv
+
+from deepfm.errors import DataError
+from deepfm.schema import Field, Schema
+
+NUMERIC_RE = r"^\s*[+-]?(\d+\.?\d*|\.\d+)([eE][+-]?\d+)?\s*$"
+MAX_EXAMPLES = 5
+
+
+@dataclass
+class BadRows:
+    """Rows dropped under ``on_bad_rows="skip"``: the count and the first few, with line and reason."""
+
+    count: int = 0
+    examples: list[str] = field(default_factory=list)
+
+    def add(self, n: int, examples: list[str]) -> None:
+        self.count += n
+        self.examples.extend(examples[: max(0, MAX_EXAMPLES - len(self.examples))])
+
+    def summary(self, path: str) -> str:
+        head = f"{path}: skipped {self.count} bad row(s)"
+        return head + "".join(f"\n  {e}" for e in self.examples)
+
+
+@dataclass
+class ReadResult:
+    table: pa.Table
+    label: np.ndarray | None  # float32 0/1, None when the data has no label column
+    schema: Schema
+    path: str
+    skipped: BadRows
+    extra: dict[str, pa.Array] = field(default_factory=dict)  # passthrough columns (e.g. an id)
+
+    @property
+    def rows(self) -> int:
+        return self.table.num_rows
+
+
+# --------------------------------------------------------------------------- delimited text
+
+
+def _first_line(path: Path) -> str:
+    import gzip
+
+    opener = gzip.open if path.suffix == ".gz" else open
+    try:
+        with opener(path, "rb") as fh:  # type: ignore[operator]
+            line = fh.readline(1 << 20)
+    except OSError as e:
+        raise DataError(f"cannot read file: {e}", path=str(path)) from None
+    if not line.strip():
+        raise DataError("file is empty (or its first line is blank)", path=str(path), line=1,
+                        hint="pass a file with at least one data row")
+    return line.decode("utf-8", errors="replace").rstrip("\r\n")
+
+
+def read_delimited(
+    path: Path,
+    names: list[str],
+    delimiter: str,
+    skip_header: bool,
+    on_bad_rows: str,
+    bad: BadRows,
+    quote: bool = False,
+) -> tuple[pa.Table, np.ndarray]:
+    """Read a delimited text file as all-binary columns; return (table, 1-based line number per row).
+
+    Rows with the wrong column count raise (naming the line) or are skipped and counted. Columns are read
+    as binary so that encoding errors are found per row afterwards instead of failing the whole read.
+    """
+    invalid: list[tuple[int | None, str, int]] = []
+
+    def handler(row: pv.InvalidRow) -> str:
+        invalid.append((row.number, row.text, row.actual_columns))
+        return "skip"
+
+    def read(use_threads: bool) -> pa.Table:
+        try:
+            return pv.read_csv(
+                path,
+                read_options=pv.ReadOptions(
+                    column_names=names, skip_rows=1 if skip_header else 0, use_threads=use_threads,
+                    block_size=16 << 20,
+                ),
+                parse_options=pv.ParseOptions(
+                    delimiter=delimiter, quote_char='"' if quote else False, invalid_row_handler=handler,
+                    ignore_empty_lines=False,
+                ),
+                convert_options=pv.ConvertOptions(
+                    column_types={n: pa.binary() for n in names}, strings_can_be_null=True,
+                    quoted_strings_can_be_null=False,
+                ),
+            )
+        except (pa.ArrowInvalid, OSError, EOFError) as e:
+            raise DataError(f"cannot parse file: {e}", path=str(path),
+                            hint="check the format/--format and that the file is complete") from None
+
+    table = read(True)
+    if invalid and any(n is None for n, _, _ in invalid):
+        invalid.clear()  # the threaded reader does not know line numbers: re-read the (rare) bad file
+        table = read(False)
+    first = 2 if skip_header else 1
+    lines = np.arange(first, first + table.num_rows, dtype=np.int64)
+    if invalid:
+        bad_lines = np.array(sorted(n for n, _, _ in invalid), dtype=np.int64)
+        if on_bad_rows != "skip":
+            n, text, got = min(invalid, key=lambda t: t[0])
+            raise DataError(
+                f"expected {len(names)} columns, found {got}: {text[:120]!r}", path=str(path), line=n,
+                hint="fix the row, check --format, or pass --on-bad-rows skip",
+            )
+        # shift each row's line number past the skipped lines before it
+        lines = lines + np.searchsorted(bad_lines - np.arange(len(bad_lines)), lines, side="right")
+        bad.add(len(invalid), [f"line {n}: expected {len(names)} columns, found {got}"
+                               for n, _, got in sorted(invalid, key=lambda t: t[0])])
+    if table.num_rows == 0:
+        raise DataError("no data rows", path=str(path), hint="the file is empty or holds only a header")
+    return table, lines
+
+
+def _bad_utf8_rows(arr: pa.Array) -> np.ndarray:
+    """Row positions whose bytes are not valid UTF-8, found by bisection (only runs on bad columns)."""
+    try:
+        pc.cast(arr, pa.string())
+        return np.empty(0, dtype=np.int64)
+    except pa.ArrowInvalid:
+        if len(arr) == 1:
+            return np.zeros(1, dtype=np.int64)
+    mid = len(arr) // 2
+    return np.concatenate([_bad_utf8_rows(arr.slice(0, mid)), mid + _bad_utf8_rows(arr.slice(mid))])
+
+
+class Validator:
+    """Collects per-row problems found column by column, then raises or drops them all at once."""
+
+    def __init__(self, path: Path, lines: np.ndarray, on_bad_rows: str, bad: BadRows) -> None:
+        self.path, self.lines, self.on_bad_rows, self.bad = str(path), lines, on_bad_rows, bad
+        self.n = len(lines)
+        self.keep = np.ones(self.n, dtype=bool)
+        self.problems: list[tuple[int, str, str]] = []  # (row, field, message)
+
+    def flag(self, mask: np.ndarray, name: str, message: Callable[[int], str]) -> None:
+        rows = np.flatnonzero(mask & self.keep)
+        if rows.size == 0:
+            return
+        if self.on_bad_rows != "skip":
+            r = int(rows[0])
+            raise DataError(message(r), path=self.path, line=int(self.lines[r]), field=name,
+                            hint="fix the value or pass --on-bad-rows skip")
+        self.keep[rows] = False
+        self.bad.add(int(rows.size), [f"line {self.lines[r]}, field {name!r}: {message(int(r))}"
+                                      for r in rows[:MAX_EXAMPLES]])
+
+    def text(self, arr: pa.Array, name: str) -> pa.Array:
+        """binary -> string, flagging invalid UTF-8 and NUL bytes."""
+        arr = arr.combine_chunks() if isinstance(arr, pa.ChunkedArray) else arr
+        if pa.types.is_binary(arr.type) or pa.types.is_large_binary(arr.type):
+            bad_rows = _bad_utf8_rows(arr)
+            if bad_rows.size:
+                mask = np.zeros(len(arr), dtype=bool)
+                mask[bad_rows] = True
+                self.flag(mask, name, lambda r: "invalid UTF-8 bytes")
+                arr = pc.if_else(pa.array(mask), pa.scalar(None, arr.type), arr)
+            arr = pc.cast(arr, pa.string())
+        elif not pa.types.is_string(arr.type) and not pa.types.is_large_string(arr.type):
+            arr = pc.cast(arr, pa.string())
+        nul = pc.fill_null(pc.match_substring(arr, "\x00"), False).to_numpy(zero_copy_only=False)
+        self.flag(nul, name, lambda r: "contains a NUL byte")
+        return arr
+
+    def number(self, arr: pa.Array, name: str) -> pa.Array:
+        """text -> float64 (null stays null), flagging non-numeric text and NaN/inf."""
+        if pa.types.is_floating(arr.type) or pa.types.is_integer(arr.type):
+            arr = pc.cast(arr, pa.float64())
+        else:
+            arr = self.text(arr, name)
+            s = pc.utf8_trim_whitespace(arr)
+            arr = pc.if_else(pc.equal(s, ""), pa.scalar(None, pa.string()), s)
+            ok = pc.fill_null(pc.match_substring_regex(arr, NUMERIC_RE), True).to_numpy(zero_copy_only=False)
+            if not ok.all():
+                shown = arr
+                self.flag(~ok, name, lambda r: f"not a number: {str(shown[r].as_py())[:40]!r}")
+                arr = pc.if_else(pa.array(ok), arr, pa.scalar(None, pa.string()))
+            arr = pc.cast(arr, pa.float64())
+        vals = arr.to_numpy(zero_copy_only=False)
+        nonfinite = ~np.isfinite(vals) & ~np.asarray(pc.is_null(arr).to_numpy(zero_copy_only=False))
+        self.flag(nonfinite, name, lambda r: f"non-finite value {vals[r]!r}")
+        return pc.if_else(pa.array(nonfinite), pa.scalar(None, pa.float64()), arr)
+
+    def label(self, arr: pa.Array, name: str, negatives: tuple[float, ...]) -> np.ndarray:
+        vals = self.number(arr, name).to_numpy(zero_copy_only=False)
+        allowed = np.isin(vals, (*negatives, 1.0))
+        want = "/".join(str(int(v)) for v in (1.0, *negatives))
+        self.flag(~allowed, name, lambda r: f"label must be {want}, got {vals[r]!r}")
+        return (vals == 1.0).astype(np.float32)
+
+    def finish(self, columns: dict[str, pa.Array], label: np.ndarray | None) -> tuple[pa.Table, np.ndarray | None]:
+        table = pa.table(columns)
+        if self.keep.all():
+            return table, label
+        idx = pa.array(np.flatnonzero(self.keep))
+        table = table.take(idx)
+        if table.num_rows == 0:
+            raise DataError("every row was bad and skipped; nothing left to read", path=self.path)
+        return table, None if label is None else label[self.keep]
+
+
+def typed_columns(
+    raw: pa.Table, schema: Schema, v: Validator, label_col: str | None, negatives: tuple[float, ...] = (0.0,)
+) -> tuple[pa.Table, np.ndarray | None]:
+    """Validate and type the raw columns a schema needs; missing columns are a clear error."""
+    cols: dict[str, pa.Array] = {}
+    for f in schema.fields:
+        if f.source in cols:
+            continue
+        if f.source not in raw.column_names:
+            raise DataError(f"column {f.source!r} required by the schema is missing "
+                            f"(columns present: {', '.join(raw.column_names[:12])}...)", path=v.path,
+                            field=f.name, hint="check the schema file or --format")
+        arr = raw.column(f.source).combine_chunks()
+        if f.kind == "numeric":
+            cols[f.source] = v.number(arr, f.name)
+        else:
+            t = v.text(arr, f.name)
+            cols[f.source] = pc.if_else(pc.equal(t, ""), pa.scalar(None, pa.string()), t)
+    label = None
+    if label_col is not None and label_col in raw.column_names:
+        label = v.label(raw.column(label_col).combine_chunks(), label_col, negatives)
+    return v.finish(cols, label)
+
+
+# --------------------------------------------------------------------------- formats
+
+
+def criteo_schema(min_count: int = 10, unlabeled: bool = False) -> Schema:
+    """Kaggle Criteo: I1..I13 counts as value x vector after a signed log; C1..C26 categorical."""
+    fields = [Field(f"I{i}", "numeric", transform="log") for i in range(1, 14)]
+    fields += [Field(f"C{i}", "categorical", min_count=min_count) for i in range(1, 27)]
+    return Schema(fields=tuple(fields), label="label")
+
+
+CRITEO_NAMES = ["label"] + [f"I{i}" for i in range(1, 14)] + [f"C{i}" for i in range(1, 27)]
+
+
+def read_criteo(path: Path, schema: Schema | None, on_bad_rows: str, bad: BadRows) -> ReadResult:
+    first = _first_line(path)
+    delim = "\t" if "\t" in first else ","
+    ncols = len(first.split(delim))
+    header = first.split(delim)[0].strip() == "label"
+    if ncols not in (39, 40):
+        raise DataError(f"a Criteo row has 40 columns (label, I1-I13, C1-C26) or 39 without the label; "
+                        f"found {ncols}", path=str(path), line=1, hint="check --format")
+    names = CRITEO_NAMES if ncols == 40 else CRITEO_NAMES[1:]
+    raw, lines = read_delimited(path, names, delim, header, on_bad_rows, bad)
+    schema = schema or criteo_schema()
+    v = Validator(path, lines, on_bad_rows, bad)
+    table, label = typed_columns(raw, schema, v, "label" if ncols == 40 else None)
+    return ReadResult(table, label, schema, str(path), bad)
+
+
+AVAZU_NAMES = ["id", "click", "hour", "C1", "banner_pos", "site_id", "site_domain", "site_category",
+               "app_id", "app_domain", "app_category", "device_id", "device_ip", "device_model",
+               "device_type", "device_conn_type", "C14", "C15", "C16", "C17", "C18", "C19", "C20", "C21"]
+
+
+def avazu_schema(min_count: int = 2) -> Schema:
+    """Avazu: every column categorical; ``hour`` (YYMMDDHH) becomes hour_of_day and weekday."""
+    names = ["hour_of_day", "weekday"] + AVAZU_NAMES[3:]
+    return Schema(fields=tuple(Field(n, "categorical", min_count=min_count) for n in names), label="click")
+
+
+def read_avazu(path: Path, schema: Schema | None, on_bad_rows: str, bad: BadRows) -> ReadResult:
+    first = _first_line(path).split(",")
+    header = first[0].strip() == "id"
+    names = [c.strip() for c in first] if header else (AVAZU_NAMES if len(first) == 24 else
+                                                       [n for n in AVAZU_NAMES if n != "click"])
+    if not header and len(first) not in (23, 24):
+        raise DataError(f"an Avazu row has 24 columns (23 without 'click'); found {len(first)}",
+                        path=str(path), line=1, hint="check --format")
+    raw, lines = read_delimited(path, names, ",", header, on_bad_rows, bad)
+    v = Validator(path, lines, on_bad_rows, bad)
+    if "hour" in raw.column_names:
+        hour = v.text(raw.column("hour").combine_chunks(), "hour")
+        ok = pc.fill_null(pc.match_substring_regex(hour, r"^\d{8}$"), False).to_numpy(zero_copy_only=False)
+        v.flag(~ok, "hour", lambda r: "hour must be YYMMDDHH (8 digits)")
+        hour = pc.if_else(pa.array(ok), hour, pa.scalar("14102100"))
+        day = pc.strptime(pc.binary_join_element_wise("20", pc.utf8_slice_codeunits(hour, 0, 6), ""),
+                          format="%Y%m%d", unit="s", error_is_null=True)
+        raw = raw.append_column("hour_of_day", pc.utf8_slice_codeunits(hour, 6, 8))
+        raw = raw.append_column("weekday", pc.cast(pc.day_of_week(day), pa.string()))
+    schema = schema or avazu_schema()
+    table, label = typed_columns(raw, schema, v, "click" if "click" in raw.column_names else None)
+    return ReadResult(table, label, schema, str(path), bad)
+
+
+def libfm_schema(n_fields: int, min_count: int = 1, names: list[str] | None = None) -> Schema:
+    names = names or [f"f{i}" for i in range(n_fields)]
+    return Schema(fields=tuple(Field(n, "categorical", min_count=min_count) for n in names), label="label")
+
+
+def read_libfm(path: Path, schema: Schema | None, on_bad_rows: str, bad: BadRows) -> ReadResult:
+    """libFM/libSVM lines ``label id:value ...`` with a fixed field order: field i is token i.
+
+    The feature id is the field's categorical value. Values must be 1 (one-hot data, as in Frappe/NFM
+    and iPinYou/FNN); other values are reported as bad rows. Labels 1 and 0 or -1.
+    """
+    first = _first_line(path).strip().split()
+    n_fields = len(first) - 1
+    if n_fields < 1:
+        raise DataError("a libFM line is '<label> <id>:<value> ...'; found no features", path=str(path), line=1)
+    names = ["label"] + [f"f{i}" for i in range(n_fields)]
+    raw, lines = read_delimited(path, names, " ", False, on_bad_rows, bad)
+    schema = schema or libfm_schema(n_fields)
+    v = Validator(path, lines, on_bad_rows, bad)
+    cols = {"label": raw.column("label")}
+    for name in names[1:]:
+        tok = v.text(raw.column(name).combine_chunks(), name)
+        parts = pc.split_pattern(tok, ":", max_splits=1)
+        ok = pc.fill_null(pc.equal(pc.list_value_length(parts), 2), False).to_numpy(zero_copy_only=False)
+        val = pc.list_element(pc.if_else(pa.array(ok), parts, pa.scalar(["", "1"], parts.type)), 1)
+        one = pc.fill_null(pc.match_substring_regex(val, r"^1(\.0*)?$"), False).to_numpy(zero_copy_only=False)
+        v.flag(~ok, name, lambda r: "expected a token '<id>:<value>'")
+        v.flag(ok & ~one, name, lambda r: "only one-hot libFM values (':1') are supported")
+        cols[name] = pc.list_element(pc.if_else(pa.array(ok), parts, pa.scalar(["", "1"], parts.type)), 0)
+    table, label = typed_columns(pa.table(cols), schema, v, "label", negatives=(0.0, -1.0))
+    return ReadResult(table, label, schema, str(path), bad)
+
+
+def movielens_schema(min_count: int = 1) -> Schema:
+    cat = ["user_id", "item_id", "age", "gender", "occupation", "zip_code", "release_year"]
+    fields = [Field(n, "categorical", min_count=min_count) for n in cat]
+    fields.append(Field("genres", "multi", column="class", sep=" ", max_len=6, pooling="mean",
+                        min_count=min_count))
+    return Schema(fields=tuple(fields), label="label")
+
+
+def _read_atomic(path: Path, on_bad_rows: str, bad: BadRows) -> tuple[pa.Table, np.ndarray]:
+    header = _first_line(path).split("\t")
+    names = [h.split(":")[0] for h in header]
+    return read_delimited(path, names, "\t", True, on_bad_rows, bad)
+
+
+def read_movielens(path: Path, schema: Schema | None, on_bad_rows: str, bad: BadRows) -> ReadResult:
+    """RecBole atomic files: ``X.inter`` joined with ``X.user`` and ``X.item`` found next to it.
+
+    label = rating >= 4; rows rated exactly 3 are dropped (as RecBole's CTR setting does).
+    """
+    if path.is_dir():
+        inters = sorted(path.glob("*.inter"))
+        if not inters:
+            raise DataError("no .inter file in this folder", path=str(path))
+        path = inters[0]
+    stem = path.with_suffix("")
+    inter, lines = _read_atomic(path, on_bad_rows, bad)
+    v = Validator(path, lines, on_bad_rows, bad)
+    rating = v.number(inter.column("rating").combine_chunks(), "rating") if "rating" in inter.column_names else None
+    cols = {c: v.text(inter.column(c).combine_chunks(), c) for c in ("user_id", "item_id")}
+    keep = np.ones(inter.num_rows, dtype=bool)
+    if rating is not None:
+        r = rating.to_numpy(zero_copy_only=False)
+        keep = r != 3
+        cols["label"] = pa.array(np.where(r >= 4, 1.0, 0.0))
+    table = pa.table(cols)
+    if rating is not None:
+        v.keep &= keep  # rating-3 rows are a documented drop, not bad rows
+    for side, key in ((".user", "user_id"), (".item", "item_id")):
+        side_path = stem.with_suffix(side)
+        if side_path.exists():
+            side_raw, side_lines = _read_atomic(side_path, on_bad_rows, bad)
+            sv = Validator(side_path, side_lines, on_bad_rows, bad)
+            side_cols = {c: sv.text(side_raw.column(c).combine_chunks(), c) for c in side_raw.column_names}
+            side_tab, _ = sv.finish(side_cols, None)
+            table = table.append_column("__row", pa.array(np.arange(table.num_rows)))
+            table = table.join(side_tab, key, join_type="left outer").sort_by("__row").drop_columns("__row")
+    schema = schema or movielens_schema()
+    out, label = typed_columns(table, schema, v, "label" if rating is not None else None)
+    return ReadResult(out, label, schema, str(path), bad)
+
+
+def read_table_file(path: Path, schema: Schema | None, on_bad_rows: str, bad: BadRows, fmt: str) -> ReadResult:
+    """Generic CSV/TSV (with a header) or Parquet, described by a schema file."""
+    if schema is None:
+        raise DataError(f"--format {fmt} needs a schema (--schema FILE); create one with "
+                        "`deepfm schema infer DATA`", path=str(path))
+    if fmt == "parquet":
+        import pyarrow.parquet as pq
+
+        try:
+            pf = pq.ParquetFile(path)
+            wanted = [c for c in {*(f.source for f in schema.fields), schema.label} if c in pf.schema.names]
+            raw = pf.read(columns=wanted)
+        except (pa.ArrowInvalid, OSError) as e:
+            raise DataError(f"cannot read Parquet: {e}", path=str(path)) from None
+        lines = np.arange(1, raw.num_rows + 1)  # Parquet has rows, not lines: report the 1-based row
+        if raw.num_rows == 0:
+            raise DataError("no data rows", path=str(path))
+    else:
+        delim = "\t" if fmt == "tsv" or path.name.endswith((".tsv", ".tsv.gz")) else ","
+        header = [h.strip() for h in _first_line(path).split(delim)]
+        raw, lines = read_delimited(path, header, delim, True, on_bad_rows, bad, quote=True)
+    v = Validator(path, lines, on_bad_rows, bad)
+    table, label = typed_columns(raw, schema, v, schema.label, negatives=(0.0, float(schema.negative_label)))
+    return ReadResult(table, label, schema, str(path), bad)
+
+
+FORMATS = ("criteo", "avazu", "libfm", "movielens", "csv", "tsv", "parquet")
+
+
+def default_schema(fmt: str) -> Schema | None:
+    return {"criteo": criteo_schema, "avazu": avazu_schema, "movielens": movielens_schema}.get(fmt, lambda: None)()
+
+
+def read(
+    path: str | Path, fmt: str, schema: Schema | None = None, on_bad_rows: str = "error"
+) -> ReadResult:
+    """Read ``path`` in format ``fmt``. ``schema`` defaults to the format's own schema.
+
+    on_bad_rows: ``error`` (raise DataError at the first bad row) or ``skip`` (drop and count them).
+    """
+    path = Path(path)
+    if fmt not in FORMATS:
+        raise DataError(f"unknown format {fmt!r} (expected one of {', '.join(FORMATS)})", path=str(path))
+    if on_bad_rows not in ("error", "skip"):
+        raise DataError(f"on_bad_rows must be 'error' or 'skip', got {on_bad_rows!r}")
+    if not path.exists():
+        raise DataError("no such file or folder", path=str(path))
+    if fmt != "movielens" and path.is_dir():
+        raise DataError("expected a file, got a folder", path=str(path))
+    bad = BadRows()
+    if fmt == "criteo":
+        return read_criteo(path, schema, on_bad_rows, bad)
+    if fmt == "avazu":
+        return read_avazu(path, schema, on_bad_rows, bad)
+    if fmt == "libfm":
+        return read_libfm(path, schema, on_bad_rows, bad)
+    if fmt == "movielens":
+        return read_movielens(path, schema, on_bad_rows, bad)
+    return read_table_file(path, schema, on_bad_rows, bad, fmt)
+
+
+def read_column(path: str | Path, fmt: str, name: str) -> pa.Array:
+    """One raw column as strings (e.g. an id to pass through scoring), row-aligned with ``read``."""
+    path = Path(path)
+    if fmt == "parquet":
+        import pyarrow.parquet as pq
+
+        try:
+            return pc.cast(pq.read_table(path, columns=[name]).column(name), pa.string())
+        except (KeyError, pa.ArrowInvalid) as e:
+            raise DataError(f"no column {name!r}: {e}", path=str(path)) from None
+    first = _first_line(path)
+    if fmt == "criteo":
+        delim, header = ("\t" if "\t" in first else ","), first.startswith("label")
+        names = CRITEO_NAMES if len(first.split(delim)) == 40 else CRITEO_NAMES[1:]
+    elif fmt == "avazu":
+        delim, header = ",", first.startswith("id,")
+        names = [c.strip() for c in first.split(",")] if header else (
+            AVAZU_NAMES if len(first.split(",")) == 24 else [n for n in AVAZU_NAMES if n != "click"])
+    elif fmt in ("csv", "tsv"):
+        delim = "\t" if fmt == "tsv" else ","
+        header, names = True, [c.strip() for c in first.split(delim)]
+    else:
+        raise DataError(f"--id-column is not available for --format {fmt}", path=str(path))
+    if name not in names:
+        raise DataError(f"no column {name!r} (columns: {', '.join(names[:12])})", path=str(path))
+    raw, _ = read_delimited(path, names, delim, header, "error", BadRows(), quote=fmt in ("csv", "tsv"))
+    return pc.cast(raw.column(name), pa.string())
+
+
+def from_arrow(table: pa.Table, schema: Schema, label: np.ndarray | None = None,
+               source: str = "<table>") -> ReadResult:
+    """Validate an in-memory Arrow table (from pandas/Polars via the estimator) like a file."""
+    bad = BadRows()
+    v = Validator(Path(source), np.arange(1, table.num_rows + 1), "error", bad)
+    out, lab = typed_columns(table, schema, v, None)
+    if label is not None:
+        y = np.asarray(label, dtype=np.float64).ravel()
+        if y.shape[0] != out.num_rows:
+            raise DataError(f"y has {y.shape[0]} rows but X has {out.num_rows}", path=source)
+        if not np.isin(y, (0.0, 1.0)).all():
+            raise DataError("y must contain only 0 and 1", path=source)
+        lab = y.astype(np.float32)
+    return ReadResult(out, lab, schema, source, bad)
+

@@ -1,0 +1,130 @@
+"""The encoded columnar store (memory-mapped .npy files, cached by data + schema + preprocessing) and the
+batcher that turns row indices into model inputs by slicing, with no per-sample Python."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from deepfm.data.preprocess import Encoded, Preprocessor
+from deepfm.schema import MISSING
+
+STORE_VERSION = 1
+
+
+def file_identity(path: str | Path) -> dict:
+    """What a cache key knows of a file: its real path, size and modification time (like make)."""
+    p = Path(path).resolve()
+    st = p.stat()
+    if p.is_dir():
+        return {"path": str(p), "files": [file_identity(c) for c in sorted(p.iterdir()) if c.is_file()]}
+    return {"path": str(p), "size": st.st_size, "mtime_ns": st.st_mtime_ns}
+
+
+def cache_key(*parts: object) -> str:
+    return hashlib.sha256(json.dumps([STORE_VERSION, *parts], sort_keys=True, default=str).encode()).hexdigest()[:20]
+
+
+def save_store(enc: Encoded, directory: Path) -> None:
+    """Write atomically: a temporary sibling folder, then one rename."""
+    directory.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=directory.name + ".tmp", dir=directory.parent))
+    try:
+        np.save(tmp / "cat.npy", enc.cat)
+        np.save(tmp / "num.npy", enc.num)
+        if enc.label is not None:
+            np.save(tmp / "label.npy", enc.label)
+        for name, (off, val) in enc.multi.items():
+            np.save(tmp / f"multi.{name}.offsets.npy", off)
+            np.save(tmp / f"multi.{name}.values.npy", val)
+        (tmp / "meta.json").write_text(json.dumps({"rows": enc.rows, "multi": list(enc.multi),
+                                                   "version": STORE_VERSION}))
+        if directory.exists():
+            shutil.rmtree(directory)
+        os.replace(tmp, directory)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
+def open_store(directory: Path) -> Encoded:
+    """Memory-map a saved store (no copy; the OS pages rows in as batches touch them)."""
+    meta = json.loads((directory / "meta.json").read_text())
+    label_path = directory / "label.npy"
+    return Encoded(
+        cat=np.load(directory / "cat.npy", mmap_mode="r"),
+        num=np.load(directory / "num.npy", mmap_mode="r"),
+        multi={n: (np.load(directory / f"multi.{n}.offsets.npy", mmap_mode="r"),
+                   np.load(directory / f"multi.{n}.values.npy", mmap_mode="r")) for n in meta["multi"]},
+        label=np.load(label_path, mmap_mode="r") if label_path.exists() else None,
+    )
+
+
+def default_cache_dir() -> Path:
+    return Path(os.environ.get("DEEPFM_CACHE", Path.home() / ".cache" / "deepfm"))
+
+
+@dataclass(frozen=True)
+class FieldSpec:
+    """One field as the model sees it: its kind, its rows in the fused table, its input slots."""
+
+    name: str
+    kind: str  # cat | num | multi
+    size: int
+    slots: int
+    pooling: str = "sum"
+
+
+def layout(pre: Preprocessor) -> list[FieldSpec]:
+    """Model field order: categorical (incl. bucketized), numeric, multi-valued; schema order within."""
+    out = [FieldSpec(f.name, "cat", pre.vocab_size(f), 1) for f in pre.fields_of("cat")]
+    out += [FieldSpec(f.name, "num", 2, 1) for f in pre.fields_of("num")]
+    out += [FieldSpec(f.name, "multi", pre.vocab_size(f), f.max_len, f.pooling) for f in pre.fields_of("multi")]
+    return out
+
+
+class Batcher:
+    """Rows of an :class:`Encoded` store -> ``(idx [B, S] int64, val [B, S] float32, y [B] or None)``.
+
+    Slots: one per categorical field (value 1), one per numeric field (local index 0 with the value, or
+    1 = the missing vector with value 1), and ``max_len`` per multi-valued field (padding has value 0;
+    mean pooling puts 1/len in the values so that summing the slots pools the field).
+    """
+
+    def __init__(self, enc: Encoded, fields: list[FieldSpec]) -> None:
+        self.enc = enc
+        self.multi = [(f.name, f.slots, f.pooling) for f in fields if f.kind == "multi"]
+
+    @property
+    def rows(self) -> int:
+        return self.enc.rows
+
+    def __call__(self, rows: np.ndarray | slice) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+        enc = self.enc
+        cat = torch.from_numpy(np.ascontiguousarray(enc.cat[rows], dtype=np.int64))
+        num = torch.from_numpy(np.ascontiguousarray(enc.num[rows], dtype=np.float32))
+        missing = torch.isnan(num)
+        parts_idx = [cat, missing.long()]
+        parts_val = [torch.ones(cat.shape), torch.where(missing, 1.0, num)]
+        if self.multi:
+            r = np.arange(*rows.indices(enc.rows)) if isinstance(rows, slice) else rows
+            for name, max_len, pooling in self.multi:
+                off, vals = enc.multi[name]
+                start, length = off[r], off[r + 1] - off[r]
+                pos = np.arange(max_len)
+                live = pos[None, :] < length[:, None]
+                gather = np.where(live, start[:, None] + pos[None, :], 0)
+                idx = np.where(live, vals[gather] if vals.size else 0, MISSING).astype(np.int64)
+                w = live / length[:, None] if pooling == "mean" else live.astype(np.float64)
+                parts_idx.append(torch.from_numpy(idx))
+                parts_val.append(torch.from_numpy(w.astype(np.float32)))
+        y = None if enc.label is None else torch.from_numpy(np.ascontiguousarray(enc.label[rows], dtype=np.float32))
+        return torch.cat(parts_idx, 1), torch.cat(parts_val, 1), y

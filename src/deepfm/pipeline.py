@@ -1,0 +1,225 @@
+"""Files in, bundle out: read -> split -> fit preprocessing on the training rows -> encode into the cached
+store -> train -> evaluate -> save the bundle. Used by the CLI and the estimator."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from deepfm.config import apply_overrides, load_preset
+from deepfm.data import readers
+from deepfm.data.preprocess import Encoded, Preprocessor
+from deepfm.data.store import (
+    Batcher,
+    FieldSpec,
+    cache_key,
+    default_cache_dir,
+    file_identity,
+    layout,
+    open_store,
+    save_store,
+)
+from deepfm.errors import DataError, DeepFMError
+from deepfm.models.ctr import CTRModel, ModelConfig, build_model
+from deepfm.schema import Schema
+from deepfm.serve import bundle as bundle_mod
+from deepfm.train.metrics import evaluate
+from deepfm.train.trainer import TrainConfig, fit, predict_logits, seed_everything, sigmoid
+
+
+def log(msg: str) -> None:
+    print(msg, file=sys.stderr, flush=True)
+
+
+@dataclass
+class Prepared:
+    pre: Preprocessor
+    train: Encoded
+    train_rows: np.ndarray | None  # None = all rows of `train`
+    valid: Encoded | None
+    valid_rows: np.ndarray | None
+    info: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def fields(self) -> list[FieldSpec]:
+        return layout(self.pre)
+
+
+def split_rows(n: int, fraction: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """Seeded random split -> (train rows, valid rows), each sorted."""
+    if not 0 < fraction < 1:
+        raise DeepFMError(f"--valid-fraction must be in (0, 1), got {fraction}")
+    n_valid = int(round(n * fraction))
+    if n_valid < 1 or n_valid >= n:
+        raise DeepFMError(f"--valid-fraction {fraction} of {n} rows leaves an empty split")
+    perm = np.random.default_rng(seed).permutation(n)
+    return np.sort(perm[n_valid:]), np.sort(perm[:n_valid])
+
+
+def _report_skips(res: readers.ReadResult) -> None:
+    if res.skipped.count:
+        log(res.skipped.summary(res.path))
+
+
+def prepare(
+    train_path: str | Path,
+    fmt: str,
+    schema: Schema | None = None,
+    valid_path: str | Path | None = None,
+    valid_fraction: float = 0.1,
+    seed: int = 2017,
+    on_bad_rows: str = "error",
+    cache_dir: str | Path | None = None,
+    use_cache: bool = True,
+) -> Prepared:
+    """Fit preprocessing on the training rows only and encode train (+ valid) into cached stores."""
+    schema = schema or readers.default_schema(fmt)
+    cache = Path(cache_dir) if cache_dir else default_cache_dir()
+    split = None if valid_path else (valid_fraction, seed)
+    schema_key = schema.to_dict() if schema else None
+    key = cache_key("train", file_identity(train_path), fmt, schema_key, split, on_bad_rows)
+    entry = cache / key
+    t0 = time.perf_counter()
+    if use_cache and (entry / "done").exists():
+        pre = Preprocessor.from_dict(json.loads((entry / "preprocessor.json").read_text()))
+        train = open_store(entry / "store")
+        info = json.loads((entry / "info.json").read_text())
+        train_rows = np.load(entry / "train_rows.npy") if split else None
+        valid_rows = np.load(entry / "valid_rows.npy") if split else None
+        log(f"using cached encoded data for {train_path} ({info['rows']} rows)")
+    else:
+        res = readers.read(train_path, fmt, schema, on_bad_rows)
+        _report_skips(res)
+        if res.label is None:
+            raise DataError("training data has no label column", path=str(train_path))
+        train_rows = valid_rows = None
+        fit_on = res
+        if split:
+            train_rows, valid_rows = split_rows(res.rows, *split)
+            fit_on = readers.ReadResult(res.table.take(train_rows), res.label[train_rows], res.schema, res.path,
+                                        res.skipped)
+        pre = Preprocessor(res.schema).fit(fit_on)
+        enc = pre.transform(res)
+        info = {"rows": res.rows, "skipped_rows": res.skipped.count, "read_encode_seconds":
+                time.perf_counter() - t0, "path": str(train_path), "format": fmt}
+        if use_cache:
+            tmp = cache / f".{key}.tmp"
+            shutil.rmtree(tmp, ignore_errors=True)
+            tmp.mkdir(parents=True)
+            save_store(enc, tmp / "store")
+            (tmp / "preprocessor.json").write_text(json.dumps(pre.to_dict()))
+            (tmp / "info.json").write_text(json.dumps(info))
+            if split:
+                np.save(tmp / "train_rows.npy", train_rows)
+                np.save(tmp / "valid_rows.npy", valid_rows)
+            (tmp / "done").write_text("ok")
+            shutil.rmtree(entry, ignore_errors=True)
+            tmp.rename(entry)
+            train = open_store(entry / "store")
+        else:
+            train = enc
+    valid = train if split else encode_file(valid_path, fmt, pre, on_bad_rows, cache, use_cache)
+    if split is None:
+        valid_rows = None
+    info["vocab_rows"] = int(sum(f.size for f in layout(pre)))
+    return Prepared(pre, train, train_rows, valid, valid_rows, info)
+
+
+def encode_file(path: str | Path, fmt: str, pre: Preprocessor, on_bad_rows: str = "error",
+                cache_dir: Path | None = None, use_cache: bool = False) -> Encoded:
+    """Read + encode a file with a fitted preprocessor, through the store cache when asked."""
+    entry = None
+    if use_cache and cache_dir is not None:
+        entry = cache_dir / cache_key("encode", file_identity(path), fmt, pre.fingerprint(), on_bad_rows)
+        if (entry / "meta.json").exists():
+            return open_store(entry)
+    res = readers.read(path, fmt, pre.schema, on_bad_rows)
+    _report_skips(res)
+    enc = pre.transform(res)
+    if entry is not None:
+        save_store(enc, entry)
+        return open_store(entry)
+    return enc
+
+
+def resolve_config(preset: str = "default", overrides: list[str] | None = None,
+                   **direct: Any) -> tuple[ModelConfig, TrainConfig]:
+    """Preset file, then ``section.key=value`` overrides, then direct keyword options (None = unset)."""
+    cfg = apply_overrides(load_preset(preset), list(overrides or []))
+    for k, v in direct.items():
+        if v is None:
+            continue
+        if k == "model":
+            cfg["model"]["model"] = v
+        else:
+            cfg["train"][k] = v
+    try:
+        return ModelConfig.from_dict(cfg["model"]), TrainConfig.from_dict(cfg["train"])
+    except (TypeError, ValueError) as e:
+        raise DeepFMError(f"invalid configuration: {e}") from None
+
+
+def score(model: CTRModel, enc: Encoded, fields: list[FieldSpec], rows: np.ndarray | None = None) -> dict[str, Any]:
+    """Metrics of ``model`` on the labelled rows of ``enc``."""
+    if enc.label is None:
+        raise DeepFMError("cannot evaluate: the data has no label column")
+    p = sigmoid(predict_logits(model, Batcher(enc, fields), rows))
+    y = np.asarray(enc.label if rows is None else enc.label[rows])
+    return evaluate(y, p)
+
+
+def train(
+    prepared: Prepared,
+    model_cfg: ModelConfig,
+    train_cfg: TrainConfig,
+    out_dir: str | Path | None = None,
+    data_format: str | None = None,
+    test: Encoded | None = None,
+    progress: bool = True,
+    extra_info: dict[str, Any] | None = None,
+) -> tuple[CTRModel, dict[str, Any]]:
+    """Train on prepared data; with ``out_dir``, write metrics.jsonl and the bundle there."""
+    seed_everything(train_cfg.seed)
+    fields = prepared.fields
+    model = build_model(fields, model_cfg)
+    out = Path(out_dir) if out_dir else None
+    log_path = None
+    if out is not None:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        log_path = out.parent / f"{out.name}.metrics.jsonl"
+        log_path.unlink(missing_ok=True)
+
+    def on_epoch(rec: dict[str, Any]) -> None:
+        if progress:
+            msg = f"epoch {rec['epoch']}: train logloss {rec['train_logloss']:.4f} " \
+                  f"({rec['train_rows_per_s']:,.0f} rows/s)"
+            if "valid_auc" in rec:
+                msg += f", valid AUC {rec['valid_auc']:.4f} logloss {rec['valid_logloss']:.4f}"
+            log(msg)
+
+    t0 = time.perf_counter()
+    history = fit(model, Batcher(prepared.train, fields), train_cfg, prepared.train_rows,
+                  Batcher(prepared.valid, fields) if prepared.valid is not None else None,
+                  prepared.valid_rows, log_path, progress, on_epoch)
+    metrics: dict[str, Any] = {}
+    if prepared.valid is not None:
+        metrics["valid"] = score(model, prepared.valid, fields, prepared.valid_rows)
+    if test is not None:
+        metrics["test"] = score(model, test, fields)
+    training = {
+        "model": model_cfg.to_dict(), "train": train_cfg.to_dict(), "history": history,
+        "data": {**prepared.info, **(extra_info or {})}, "train_seconds": time.perf_counter() - t0,
+        "best_epoch": history[-1].get("best_epoch") if history else None,
+    }
+    if out is not None:
+        bundle_mod.save(out, model, prepared.pre, data_format, training, metrics)
+        if log_path is not None and log_path.exists():
+            shutil.move(str(log_path), str(out / "metrics.jsonl"))  # not checksummed: an appendable log
+    return model, {"metrics": metrics, "training": training}

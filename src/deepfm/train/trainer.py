@@ -1,0 +1,158 @@
+"""The training loop: seeded shuffling, slicing batches from the store, early stopping on validation AUC
+with the best weights restored, optional LR reduction on plateau, a progress bar and a JSONL log."""
+
+from __future__ import annotations
+
+import copy
+import json
+import math
+import os
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, fields
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from tqdm.auto import tqdm
+
+from deepfm.data.store import Batcher
+from deepfm.models.ctr import CTRModel
+from deepfm.train.metrics import evaluate
+
+
+@dataclass
+class TrainConfig:
+    epochs: int = 10
+    batch_size: int = 4096
+    lr: float = 1e-3
+    patience: int = 2  # epochs without validation-AUC improvement before stopping
+    reduce_lr_on_plateau: bool = False  # divide the LR by 10 once AUC stalls, before stopping
+    seed: int = 2017
+    threads: int = 0  # intra-op threads; 0 = all cores
+    eval_batch_size: int = 65536
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> TrainConfig:
+        known = {f.name for f in fields(cls)}
+        bad = set(d) - known
+        if bad:
+            raise ValueError(f"unknown training option(s) {sorted(bad)}; allowed: {sorted(known)}")
+        return cls(**d)
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def seed_everything(seed: int) -> None:
+    torch.manual_seed(seed)
+    np.random.seed(seed % (2**32))
+
+
+def set_threads(threads: int) -> int:
+    n = threads or os.cpu_count() or 1
+    torch.set_num_threads(n)
+    return n
+
+
+@torch.no_grad()
+def predict_logits(model: CTRModel, batcher: Batcher, rows: np.ndarray | None = None,
+                   batch_size: int = 65536) -> np.ndarray:
+    """Logits for ``rows`` (default: all rows), in row order; eval mode, no autograd."""
+    was_training = model.training
+    model.eval()
+    n = batcher.rows if rows is None else len(rows)
+    out = np.empty(n, dtype=np.float32)
+    for s in range(0, n, batch_size):
+        sel = slice(s, min(n, s + batch_size)) if rows is None else rows[s: s + batch_size]
+        idx, val, _ = batcher(sel)
+        out[s: s + idx.shape[0]] = model(idx, val).float().numpy()
+    model.train(was_training)
+    return out
+
+
+def sigmoid(x: np.ndarray) -> np.ndarray:
+    return (1.0 / (1.0 + np.exp(-x.astype(np.float64)))).astype(np.float64)
+
+
+def fit(
+    model: CTRModel,
+    train: Batcher,
+    cfg: TrainConfig,
+    train_rows: np.ndarray | None = None,
+    valid: Batcher | None = None,
+    valid_rows: np.ndarray | None = None,
+    log_path: Path | None = None,
+    progress: bool = True,
+    on_epoch: Callable[[dict[str, Any]], None] | None = None,
+) -> list[dict[str, Any]]:
+    """Train ``model`` in place; returns the per-epoch history. With a validation set, keeps the weights
+    of the epoch with the best validation AUC."""
+    set_threads(cfg.threads)
+    rows = np.arange(train.rows) if train_rows is None else np.asarray(train_rows)
+    if rows.size == 0:
+        raise ValueError("no training rows")
+    emb_l2 = model.cfg.embedding_l2
+    dense = [p for n, p in model.named_parameters() if n.startswith("dnn.")]
+    other = [p for n, p in model.named_parameters() if not n.startswith("dnn.")]
+    opt = torch.optim.Adam([{"params": other}, {"params": dense, "weight_decay": model.cfg.net_l2}], lr=cfg.lr)
+    loss_fn = torch.nn.BCEWithLogitsLoss()
+    rng = np.random.default_rng(cfg.seed)
+    history: list[dict[str, Any]] = []
+    best_auc, best_state, bad_epochs, reduced = -math.inf, None, 0, False
+    steps_per_epoch = math.ceil(rows.size / cfg.batch_size)
+    for epoch in range(1, cfg.epochs + 1):
+        model.train()
+        perm = rows[rng.permutation(rows.size)]
+        t0, loss_sum, seen = time.perf_counter(), 0.0, 0
+        bar = tqdm(total=rows.size, desc=f"epoch {epoch}/{cfg.epochs}", unit="row", unit_scale=True,
+                   disable=not progress, leave=False, mininterval=0.5)
+        for step in range(steps_per_epoch):
+            sel = np.sort(perm[step * cfg.batch_size: (step + 1) * cfg.batch_size])  # sorted: mmap locality
+            idx, val, y = train(sel)
+            logit = model(idx, val)
+            loss = loss_fn(logit, y)
+            total = loss + emb_l2 * model.embedding_penalty(idx) if emb_l2 > 0 else loss
+            opt.zero_grad(set_to_none=True)
+            total.backward()
+            opt.step()
+            loss_sum += loss.item() * len(sel)
+            seen += len(sel)
+            if progress and (step % 20 == 0 or step == steps_per_epoch - 1):
+                bar.update(seen - bar.n)
+                bar.set_postfix(loss=f"{loss_sum / seen:.4f}")
+        bar.close()
+        train_time = time.perf_counter() - t0
+        rec: dict[str, Any] = {"epoch": epoch, "train_logloss": loss_sum / seen, "train_seconds": train_time,
+                               "train_rows_per_s": seen / train_time, "lr": opt.param_groups[0]["lr"]}
+        if valid is not None:
+            vrows = valid_rows if valid_rows is not None else None
+            logits = predict_logits(model, valid, vrows, cfg.eval_batch_size)
+            y_valid = valid.enc.label if vrows is None else valid.enc.label[vrows]
+            m = evaluate(np.asarray(y_valid), sigmoid(logits))
+            rec.update({f"valid_{k}": v for k, v in m.items()})
+            improved = m["auc"] > best_auc + 1e-6
+            if improved:
+                best_auc, bad_epochs = m["auc"], 0
+                best_state = copy.deepcopy(model.state_dict())
+            else:
+                bad_epochs += 1
+            rec["best_epoch"] = epoch if improved else history[-1]["best_epoch"]
+        history.append(rec)
+        if log_path is not None:
+            with open(log_path, "a") as fh:
+                fh.write(json.dumps(rec) + "\n")
+        if on_epoch:
+            on_epoch(rec)
+        if valid is not None and bad_epochs >= cfg.patience:
+            if cfg.reduce_lr_on_plateau and not reduced:
+                reduced, bad_epochs = True, 0
+                model.load_state_dict(best_state)
+                for g in opt.param_groups:
+                    g["lr"] *= 0.1
+                continue
+            break
+    if best_state is not None:
+        model.load_state_dict(best_state)
+    return history
