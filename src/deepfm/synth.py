@@ -47,7 +47,7 @@ LATENT_DIM = 4
 MLP_HIDDEN = 16
 COMPONENT_STD = {"first_order": 1.2, "pairwise": 0.7, "mlp": 0.5}
 TARGET_CTR = 0.23
-RANK_HEAD, RANK_DECAY = 50.0, 0.75
+RANK_HEAD, RANK_DECAY = 20.0, 1.0
 CALIBRATION_ROWS = 100_000
 HEX = np.frombuffer(b"0123456789abcdef", dtype=np.uint8)
 

@@ -27,12 +27,20 @@ def infer_schema(path: str | Path, label: str | None = None, sample_rows: int = 
             raise DataError(f"cannot tell the label column among {names[:10]}...; pass --label", path=str(path))
     if label not in names:
         raise DataError(f"label column {label!r} not found", path=str(path))
+    return Schema(fields=tuple(infer_fields(table, {label}, min_count, max_numeric_levels)), label=label)
+
+
+def infer_fields(table: pa.Table, exclude: set[str], min_count: int = 1,
+                 max_numeric_levels: int = 20) -> list[Field]:
+    """Guess each column's kind from its values (see :func:`infer_schema`)."""
     fields = []
-    for name in names:
-        if name == label or name.lower() == "id":
+    for name in table.column_names:
+        if name in exclude or name.lower() == "id":
             continue
-        col = pc.cast(table.column(name), pa.string())
-        non_null = pc.drop_null(col)
+        col = table.column(name)
+        if pa.types.is_list(col.type) or pa.types.is_large_list(col.type):
+            raise DataError(f"column {name!r} holds lists: join them into a string and declare a multi field")
+        non_null = pc.drop_null(pc.cast(col, pa.string()))
         numeric = len(non_null) > 0 and pc.all(pc.match_substring_regex(non_null, NUMERIC_RE)).as_py()
         distinct = pc.count_distinct(non_null).as_py()
         if numeric and distinct > max_numeric_levels:
@@ -47,7 +55,9 @@ def infer_schema(path: str | Path, label: str | None = None, sample_rows: int = 
                 break
         else:
             fields.append(Field(name, "categorical", min_count=min_count))
-    return Schema(fields=tuple(fields), label=label)
+    if not fields:
+        raise DataError("no feature columns to infer a schema from")
+    return fields
 
 
 def _sample(path: Path, rows: int) -> pa.Table:

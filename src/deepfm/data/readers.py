@@ -108,7 +108,7 @@ def read_delimited(
                     ignore_empty_lines=False,
                 ),
                 convert_options=pv.ConvertOptions(
-                    column_types={n: pa.binary() for n in names}, strings_can_be_null=True,
+                    column_types={n: pa.binary() for n in names}, strings_can_be_null=True, null_values=[""],
                     quoted_strings_can_be_null=False,
                 ),
             )

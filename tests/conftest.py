@@ -1,0 +1,35 @@
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+SHARED = Path(os.environ.get("DEEPFM_SHARED_DATA", Path(__file__).resolve().parents[2] / "shared" / "data"))
+
+
+@pytest.fixture(autouse=True)
+def _cache(tmp_path_factory, monkeypatch):
+    monkeypatch.setenv("DEEPFM_CACHE", str(tmp_path_factory.getbasetemp() / "cache"))
+
+
+@pytest.fixture(scope="session")
+def synth_small(tmp_path_factory) -> Path:
+    """~6k-row Criteo-format synthetic data (train/valid/test + oracle.json)."""
+    from deepfm.synth import generate
+
+    out = tmp_path_factory.mktemp("synth")
+    generate(out, rows=6000, seed=1, vocab_scale=0.01)
+    return out
+
+
+def shared(name: str) -> Path:
+    p = SHARED / name
+    if not p.exists():
+        pytest.skip(f"real data {p} not present")
+    return p
+
+
+def write(path: Path, text: str | bytes) -> Path:
+    path.write_bytes(text if isinstance(text, bytes) else text.encode())
+    return path
