@@ -110,7 +110,7 @@ class Batcher:
     def __call__(self, rows: np.ndarray | slice) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
         enc = self.enc
         cat = torch.from_numpy(np.ascontiguousarray(enc.cat[rows], dtype=np.int64))
-        num = torch.from_numpy(np.ascontiguousarray(enc.num[rows], dtype=np.float32))
+        num = torch.from_numpy(np.array(enc.num[rows], dtype=np.float32))
         missing = torch.isnan(num)
         parts_idx = [cat, missing.long()]
         parts_val = [torch.ones(cat.shape), torch.where(missing, 1.0, num)]
@@ -126,5 +126,5 @@ class Batcher:
                 w = live / length[:, None] if pooling == "mean" else live.astype(np.float64)
                 parts_idx.append(torch.from_numpy(idx))
                 parts_val.append(torch.from_numpy(w.astype(np.float32)))
-        y = None if enc.label is None else torch.from_numpy(np.ascontiguousarray(enc.label[rows], dtype=np.float32))
+        y = None if enc.label is None else torch.from_numpy(np.array(enc.label[rows], dtype=np.float32))
         return torch.cat(parts_idx, 1), torch.cat(parts_val, 1), y
