@@ -78,7 +78,7 @@ def main() -> None:
 @click.option("--set", "overrides", multiple=True, metavar="SECTION.KEY=VALUE",
               help="Override a preset option, e.g. --set model.dropout=0.2 --set train.lr=0.0005.")
 @click.option("--epochs", type=int, help="Maximum epochs (early stopping on validation AUC).")
-@click.option("--batch-size", type=int)
+@click.option("--batch-size", help="Rows per step, or 'auto' (about 100 steps per epoch, 128-4096).")
 @click.option("--lr", type=float)
 @click.option("--seed", type=int, help="Seed for the split, initialisation, shuffling and dropout.")
 @click.option("--threads", type=int, help="Intra-op CPU threads (default: all cores).")
@@ -103,6 +103,10 @@ def train(fmt, train_path, valid_path, valid_fraction, test_path, schema_path, o
     if fmt is None and schema_path is None:
         raise DeepFMError("pass --format (criteo, avazu, libfm, movielens) or --format csv/parquet with --schema")
     fmt = fmt or ("parquet" if str(train_path).endswith(".parquet") else "csv")
+    if batch_size is not None and batch_size != "auto":
+        if not batch_size.isdigit():
+            raise DeepFMError(f"--batch-size must be a positive integer or 'auto', got {batch_size!r}")
+        batch_size = int(batch_size)
     model_cfg, train_cfg = pipeline.resolve_config(preset, list(overrides), model=model, epochs=epochs,
                                                    batch_size=batch_size, lr=lr, seed=seed, threads=threads)
     prep = pipeline.prepare(train_path, fmt, _schema(schema_path, fmt, min_count), valid_path, valid_fraction,

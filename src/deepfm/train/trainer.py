@@ -25,9 +25,10 @@ from deepfm.train.metrics import evaluate
 @dataclass
 class TrainConfig:
     epochs: int = 10
-    batch_size: int = 4096
+    batch_size: int | str = 4096  # or "auto": ~100 steps per epoch, a power of 2 in [128, 4096]
     lr: float = 1e-3
-    patience: int = 2  # epochs without validation-AUC improvement before stopping
+    patience: int = 2  # epochs without improvement of the monitored metric before stopping
+    monitor: str = "auc"  # "auc", or "auc-logloss" (validation AUC minus logloss, as BARS/FuxiCTR)
     reduce_lr_on_plateau: bool = False  # divide the LR by 10 once AUC stalls, before stopping
     seed: int = 2017
     threads: int = 0  # intra-op threads; 0 = all cores
@@ -39,10 +40,22 @@ class TrainConfig:
         bad = set(d) - known
         if bad:
             raise ValueError(f"unknown training option(s) {sorted(bad)}; allowed: {sorted(known)}")
-        return cls(**d)
+        cfg = cls(**d)
+        if cfg.monitor not in ("auc", "auc-logloss"):
+            raise ValueError(f"monitor must be 'auc' or 'auc-logloss', got {cfg.monitor!r}")
+        return cfg
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
+
+
+def resolve_batch_size(batch_size: int | str, rows: int) -> int:
+    """``auto`` keeps small data sets from getting only a handful of steps per epoch."""
+    if batch_size == "auto":
+        return int(min(4096, max(128, 2 ** round(math.log2(max(rows / 100, 1))))))
+    if not isinstance(batch_size, int) or batch_size < 1:
+        raise ValueError(f"batch_size must be a positive integer or 'auto', got {batch_size!r}")
+    return batch_size
 
 
 def seed_everything(seed: int) -> None:
@@ -88,7 +101,7 @@ def fit(
     on_epoch: Callable[[dict[str, Any]], None] | None = None,
 ) -> list[dict[str, Any]]:
     """Train ``model`` in place; returns the per-epoch history. With a validation set, keeps the weights
-    of the epoch with the best validation AUC."""
+    of the epoch with the best monitored validation metric (``cfg.monitor``)."""
     set_threads(cfg.threads)
     rows = np.arange(train.rows) if train_rows is None else np.asarray(train_rows)
     if rows.size == 0:
@@ -100,8 +113,9 @@ def fit(
     loss_fn = torch.nn.BCEWithLogitsLoss()
     rng = np.random.default_rng(cfg.seed)
     history: list[dict[str, Any]] = []
-    best_auc, best_state, bad_epochs, reduced = -math.inf, None, 0, False
-    steps_per_epoch = math.ceil(rows.size / cfg.batch_size)
+    best, best_state, bad_epochs, reduced = -math.inf, None, 0, False
+    batch_size = resolve_batch_size(cfg.batch_size, rows.size)
+    steps_per_epoch = math.ceil(rows.size / batch_size)
     for epoch in range(1, cfg.epochs + 1):
         model.train()
         perm = rows[rng.permutation(rows.size)]
@@ -109,7 +123,7 @@ def fit(
         bar = tqdm(total=rows.size, desc=f"epoch {epoch}/{cfg.epochs}", unit="row", unit_scale=True,
                    disable=not progress, leave=False, mininterval=0.5)
         for step in range(steps_per_epoch):
-            sel = np.sort(perm[step * cfg.batch_size: (step + 1) * cfg.batch_size])  # sorted: mmap locality
+            sel = np.sort(perm[step * batch_size: (step + 1) * batch_size])  # sorted: mmap locality
             idx, val, y = train(sel)
             logit = model(idx, val)
             loss = loss_fn(logit, y)
@@ -125,16 +139,18 @@ def fit(
         bar.close()
         train_time = time.perf_counter() - t0
         rec: dict[str, Any] = {"epoch": epoch, "train_logloss": loss_sum / seen, "train_seconds": train_time,
-                               "train_rows_per_s": seen / train_time, "lr": opt.param_groups[0]["lr"]}
+                               "train_rows_per_s": seen / train_time, "lr": opt.param_groups[0]["lr"],
+                               "batch_size": batch_size}
         if valid is not None:
             vrows = valid_rows if valid_rows is not None else None
             logits = predict_logits(model, valid, vrows, cfg.eval_batch_size)
             y_valid = valid.enc.label if vrows is None else valid.enc.label[vrows]
             m = evaluate(np.asarray(y_valid), sigmoid(logits))
             rec.update({f"valid_{k}": v for k, v in m.items()})
-            improved = m["auc"] > best_auc + 1e-6
+            value = m["auc"] - (m["logloss"] if cfg.monitor == "auc-logloss" else 0.0)
+            improved = value > best + 1e-6
             if improved:
-                best_auc, bad_epochs = m["auc"], 0
+                best, bad_epochs = value, 0
                 best_state = copy.deepcopy(model.state_dict())
             else:
                 bad_epochs += 1
