@@ -26,6 +26,7 @@ CANDIDATES = {
     "d0.2-l2e-3-mon": ("paper", E30 + MON + ["model.dropout=0.2", "model.embedding_l2=1.0e-3"]),
     "d0.2-l2e-2-mon": ("paper", E30 + MON + ["model.dropout=0.2", "model.embedding_l2=1.0e-2"]),
     "bn-d0.2-l2e-3-mon": ("bars", E30 + MON + ["model.embedding_l2=1.0e-3"]),
+    "bars-mon": ("bars", E30 + MON),
     "lr-mon": ("paper", E30 + MON + ["model.model=lr"]),
 }
 

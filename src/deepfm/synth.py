@@ -40,14 +40,14 @@ INT_SPECS = ((0.5, 1.2, 0.45), (1.5, 1.8, 0.0), (2.0, 1.5, 0.21), (1.8, 1.0, 0.2
              (3.5, 1.8, 0.22), (1.5, 1.5, 0.04), (2.2, 1.0, 0.001), (3.8, 1.3, 0.04), (0.3, 0.8, 0.45),
              (1.0, 1.0, 0.04), (0.2, 1.2, 0.45), (1.8, 1.0, 0.21))
 # fields as ("C", i) / ("I", i), 0-based
-PAIR_FIELDS = (("C", 0), ("C", 1), ("C", 3), ("C", 5), ("C", 6), ("C", 8), ("C", 10), ("C", 13), ("C", 16),
-               ("C", 19), ("C", 22), ("C", 25), ("I", 0), ("I", 4), ("I", 8))
-MLP_FIELDS = (("C", 5), ("C", 13), ("C", 18), ("I", 6))
+PAIR_FIELDS = (("C", 1), ("C", 5), ("C", 8), ("C", 10), ("C", 13), ("C", 16), ("C", 22), ("C", 25), ("I", 0),
+               ("I", 8))
+MLP_FIELDS = (("C", 5), ("C", 13), ("C", 16), ("I", 6))
 LATENT_DIM = 4
 MLP_HIDDEN = 16
-COMPONENT_STD = {"first_order": 1.2, "pairwise": 0.7, "mlp": 0.5}
+COMPONENT_STD = {"first_order": 1.0, "pairwise": 0.7, "mlp": 0.5}
 TARGET_CTR = 0.23
-RANK_HEAD, RANK_DECAY = 20.0, 1.0
+RANK_HEAD, LATENT_HEAD, RANK_DECAY = 20.0, 5.0, 1.0  # shrink (1 + r / head) ** -decay, latents faster
 CALIBRATION_ROWS = 100_000
 HEX = np.frombuffer(b"0123456789abcdef", dtype=np.uint8)
 
@@ -79,9 +79,11 @@ def _build_model(rng: np.random.Generator, vocab_scale: float) -> _Model:
     zipf = rng.uniform(1.1, 1.3, size=len(cards))
     weights, latents = [], []
     for k in cards:
-        shrink = np.append((1.0 + np.arange(k) / RANK_HEAD) ** -RANK_DECAY, 1.0)  # missing: full size
-        weights.append(rng.normal(0.0, 1.0, k + 1) * shrink)
-        latents.append(rng.normal(0.0, 1.0, (k + 1, LATENT_DIM)) * shrink[:, None])
+        ranks = np.arange(k + 1.0)
+        ranks[k] = 0.0  # missing: full size
+        weights.append(rng.normal(0.0, 1.0, k + 1) * (1.0 + ranks / RANK_HEAD) ** -RANK_DECAY)
+        lat_shrink = (1.0 + ranks / LATENT_HEAD) ** -RANK_DECAY
+        latents.append(rng.normal(0.0, 1.0, (k + 1, LATENT_DIM)) * lat_shrink[:, None])
     mu = np.array([s[0] for s in INT_SPECS])
     int_first = np.stack([rng.normal(0, 1, 13), mu + rng.normal(0, 0.5, 13), rng.uniform(0.5, 1.5, 13),
                           rng.normal(0, 1, 13)], axis=1)
@@ -215,8 +217,10 @@ def generate(out_dir: str | Path, rows: int = 1_000_000, seed: int = 0, valid_fr
         table = _table(model, y[lo:hi], cats[:, lo:hi], ints[:, lo:hi], imiss[:, lo:hi])
         _atomic_write(out / f"{name}.tsv", lambda tmp, t=table: pacsv.write_csv(t, tmp, write_options=opts))
         ys, ps = y[lo:hi], p[lo:hi]
-        splits[name] = {"rows": hi - lo, "ctr": float(ys.mean()) if hi > lo else float("nan"),
-                        "oracle_auc": auc(ys, ps), "oracle_logloss": logloss(ys, ps)}
+        figures = {"ctr": float(ys.mean()) if hi > lo else None, "oracle_auc": auc(ys, ps),
+                   "oracle_logloss": logloss(ys, ps)}  # None (strict JSON) where undefined, e.g. no rows
+        splits[name] = {"rows": hi - lo} | {k: None if v is None or np.isnan(v) else v
+                                             for k, v in figures.items()}
     oracle = {
         "seed": seed, "rows": rows, "splits": splits,
         "generator": {
@@ -226,7 +230,8 @@ def generate(out_dir: str | Path, rows: int = 1_000_000, seed: int = 0, valid_fr
             "int_specs": [{"log_mu": m, "log_sigma": s, "missing_rate": r} for m, s, r in INT_SPECS],
             "latent_dim": LATENT_DIM, "pair_fields": [f"{k}{i + 1}" for k, i in PAIR_FIELDS],
             "mlp_fields": [f"{k}{i + 1}" for k, i in MLP_FIELDS], "mlp_hidden": MLP_HIDDEN,
-            "component_std": COMPONENT_STD, "rank_head": RANK_HEAD, "rank_decay": RANK_DECAY,
+            "component_std": COMPONENT_STD, "rank_head": RANK_HEAD, "latent_head": LATENT_HEAD,
+            "rank_decay": RANK_DECAY,
             "target_ctr": TARGET_CTR, "bias": model.bias, "scales": model.scales.tolist(),
         },
     }
