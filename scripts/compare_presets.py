@@ -57,7 +57,8 @@ def main() -> None:
              f"Produced by `python scripts/compare_presets.py --seeds {args.seeds}` on {time.strftime('%Y-%m-%d')} "
              f"({platform.processor() or platform.machine()}, {platform.python_version()}). Test AUC (mean ± std "
              f"over {args.seeds} seeds) / mean test logloss; DeepFM unless the name says lr. Every run uses "
-             "`batch_size=auto`, early stopping on validation AUC (patience 2, at most 10 epochs).", ""]
+             "`batch_size=auto` and at most 30 epochs with early stopping (patience 2); `-mon` = monitor "
+             "validation AUC - logloss, otherwise AUC.", ""]
     lines.append("| data set | " + " | ".join(names) + " |")
     lines.append("|---" * (len(names) + 1) + "|")
     for ds in sets:
