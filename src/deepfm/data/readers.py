@@ -338,11 +338,12 @@ def read_libfm(path: Path, schema: Schema | None, on_bad_rows: str, bad: BadRows
         tok = v.text(raw.column(name).combine_chunks(), name)
         parts = pc.split_pattern(tok, ":", max_splits=1)
         ok = pc.fill_null(pc.equal(pc.list_value_length(parts), 2), False).to_numpy(zero_copy_only=False)
-        val = pc.list_element(pc.if_else(pa.array(ok), parts, pa.scalar(["", "1"], parts.type)), 1)
+        parts = pc.if_else(pa.array(ok), parts, pa.scalar(["", "1"], parts.type))  # bad tokens: flagged below
+        val = pc.list_element(parts, 1)
         one = pc.fill_null(pc.match_substring_regex(val, r"^1(\.0*)?$"), False).to_numpy(zero_copy_only=False)
         v.flag(~ok, name, lambda r: "expected a token '<id>:<value>'")
         v.flag(ok & ~one, name, lambda r: "only one-hot libFM values (':1') are supported")
-        cols[name] = pc.list_element(pc.if_else(pa.array(ok), parts, pa.scalar(["", "1"], parts.type)), 0)
+        cols[name] = pc.list_element(parts, 0)
     table, label = typed_columns(pa.table(cols), schema, v, "label", negatives=(0.0, -1.0))
     return ReadResult(table, label, schema, str(path), bad)
 
