@@ -254,8 +254,10 @@ def info(bundle, as_json) -> None:
 @click.option("--seed", type=int, default=0, show_default=True)
 @click.option("--out", required=True, type=click.Path(), help="Output folder.")
 @click.option("--vocab-scale", type=float, default=1.0, show_default=True, help="Scale every cardinality.")
+@click.option("--valid-fraction", type=float, default=0.1, show_default=True)
+@click.option("--test-fraction", type=float, default=0.1, show_default=True)
 @friendly
-def synth(rows, seed, out, vocab_scale) -> None:
+def synth(rows, seed, out, vocab_scale, valid_fraction, test_fraction) -> None:
     """Write Criteo-format synthetic train/valid/test TSVs from a seeded hidden model, plus oracle.json
     (the AUC/logloss of the true probabilities).
 
@@ -265,7 +267,8 @@ def synth(rows, seed, out, vocab_scale) -> None:
     """
     from deepfm.synth import generate
 
-    info = generate(out, rows=rows, seed=seed, vocab_scale=vocab_scale)
+    info = generate(out, rows=rows, seed=seed, vocab_scale=vocab_scale, valid_fraction=valid_fraction,
+                    test_fraction=test_fraction)
     for split, s in info["splits"].items():
         click.echo(f"{split}: {s['rows']:,} rows, CTR {s['ctr']:.3f}, oracle AUC {s['oracle_auc']:.4f} "
                    f"logloss {s['oracle_logloss']:.4f}")

@@ -6,6 +6,7 @@ slot per categorical/numeric field and ``max_len`` slots per multi-valued field 
 
 from __future__ import annotations
 
+import numpy as np
 import torch
 from torch import nn
 
@@ -26,10 +27,20 @@ class FusedTable(nn.Module):
         self.pooled = len(slot_field) != len(fields)
         self.weight = nn.Parameter(torch.empty(int(sizes.sum()), dim))
         nn.init.normal_(self.weight, std=std) if std > 0 else nn.init.zeros_(self.weight)
+        # Set by train.sparse for one step: (inv [B, S] into leaf, leaf [U, dim] = weight[unique rows]), so
+        # that autograd produces a [U, dim] gradient instead of a dense [sum(sizes), dim] one.
+        self.gathered: tuple[torch.Tensor, torch.Tensor] | None = None
+
+    def global_rows(self, idx: torch.Tensor) -> torch.Tensor:
+        """[B, S] local indices -> [B, S] row numbers in the fused table."""
+        return idx + self.slot_offsets
 
     def rows(self, idx: torch.Tensor) -> torch.Tensor:
         """[B, S] -> [B, S, dim]: the table rows each slot uses."""
-        return nn.functional.embedding(idx + self.slot_offsets, self.weight)
+        if self.gathered is not None:
+            inv, leaf = self.gathered
+            return gather_rows(leaf, inv)
+        return gather_rows(self.weight, self.global_rows(idx))
 
     def forward(self, idx: torch.Tensor, val: torch.Tensor) -> torch.Tensor:
         """[B, S] x2 -> [B, F, dim]: x_i * v_i per field (multi-valued slots summed into their field)."""
@@ -44,6 +55,77 @@ def fm_second_order(e: torch.Tensor) -> torch.Tensor:
     square_of_sum = e.sum(dim=1).pow(2)
     sum_of_square = e.pow(2).sum(dim=1)
     return 0.5 * (square_of_sum - sum_of_square).sum(dim=1)
+
+
+class FastDropout(nn.Module):
+    """Inverted dropout (keep with probability 1 - p, scale by 1 / (1 - p)), as ``nn.Dropout``, with masks
+    drawn as uint16 by numpy's PCG64 (about 10x cheaper than torch's CPU bernoulli_, which costs as much as
+    a third of a DeepFM training step). ``p`` is applied with 1/65536 resolution. The stream is seeded
+    from torch's RNG on first use, so ``torch.manual_seed`` makes runs reproducible."""
+
+    def __init__(self, p: float) -> None:
+        super().__init__()
+        if not 0 <= p < 1:
+            raise ValueError(f"dropout must be in [0, 1), got {p}")
+        self.p = p
+        self.threshold = int(round(p * 65536))
+        self.rng: np.random.Generator | None = None
+
+    def keep_mask(self, shape: torch.Size) -> torch.Tensor:
+        if self.rng is None:
+            self.rng = np.random.default_rng(int(torch.randint(0, 2**62, (1,)).item()))
+        r = self.rng.integers(0, 65536, size=tuple(shape), dtype=np.uint16)
+        return torch.from_numpy(r >= self.threshold)
+
+    def forward(self, x: torch.Tensor, relu: bool = False) -> torch.Tensor:
+        if not self.training or self.p == 0:
+            return torch.relu(x) if relu else x
+        keep = self.keep_mask(x.shape)
+        if relu:
+            keep &= x > 0
+        return _MaskScale.apply(x, keep.to(x.dtype).mul_(1.0 / (1.0 - self.p)))
+
+    def extra_repr(self) -> str:
+        return f"p={self.p}"
+
+
+class _MaskScale(torch.autograd.Function):
+    """y = x * c with c = keep * scale (0 or 1/(1-p), ReLU folded in): one pass each way, saves only c."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, c: torch.Tensor) -> torch.Tensor:  # type: ignore[override]
+        ctx.save_for_backward(c)
+        return x * c
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):  # type: ignore[override]
+        (c,) = ctx.saved_tensors
+        return grad * c, None
+
+
+class _Gather(torch.autograd.Function):
+    """rows = table[index] with the backward as one ``index_add_`` (2-3x faster on CPU than
+    ``embedding_dense_backward``); the gradient is dense over ``table``'s rows."""
+
+    @staticmethod
+    def forward(ctx, table: torch.Tensor, index: torch.Tensor) -> torch.Tensor:  # type: ignore[override]
+        ctx.save_for_backward(index)
+        ctx.rows = table.shape[0]
+        return table.index_select(0, index.reshape(-1)).view(*index.shape, table.shape[1])
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):  # type: ignore[override]
+        (index,) = ctx.saved_tensors
+        flat = grad.reshape(-1, grad.shape[-1])
+        out = flat.new_zeros(ctx.rows, flat.shape[1]).index_add_(0, index.reshape(-1), flat)
+        return out, None
+
+
+def gather_rows(table: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
+    """[R, K] table, [...] int64 index -> [..., K]."""
+    if torch.is_grad_enabled() and table.requires_grad:
+        return _Gather.apply(table, index)
+    return table.index_select(0, index.reshape(-1)).view(*index.shape, table.shape[1])
 
 
 class MLP(nn.Module):
@@ -62,10 +144,19 @@ class MLP(nn.Module):
                 layers.append(nn.BatchNorm1d(h))
             layers.append(self.ACTIVATIONS[activation]())
             if dropout > 0:
-                layers.append(nn.Dropout(dropout))
+                layers.append(FastDropout(dropout))
             d_in = h
         layers.append(nn.Linear(d_in, 1))
         self.net = nn.Sequential(*layers)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.net(x).squeeze(-1)
+        layers = list(self.net)
+        i = 0
+        while i < len(layers):
+            layer = layers[i]
+            nxt = layers[i + 1] if i + 1 < len(layers) else None
+            if isinstance(layer, nn.ReLU) and isinstance(nxt, FastDropout):
+                x, i = nxt(x, relu=True), i + 2  # ReLU then dropout in one pass
+            else:
+                x, i = layer(x), i + 1
+        return x.squeeze(-1)

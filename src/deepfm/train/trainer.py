@@ -3,12 +3,15 @@ with the best weights restored, optional LR reduction on plateau, a progress bar
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import json
 import math
 import os
+import queue
+import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 from typing import Any
@@ -20,6 +23,7 @@ from tqdm.auto import tqdm
 from deepfm.data.store import Batcher
 from deepfm.models.ctr import CTRModel
 from deepfm.train.metrics import evaluate
+from deepfm.train.sparse import SparseEmbeddings
 
 
 @dataclass
@@ -31,8 +35,11 @@ class TrainConfig:
     monitor: str = "auc"  # "auc", or "auc-logloss" (validation AUC minus logloss, as BARS/FuxiCTR)
     reduce_lr_on_plateau: bool = False  # divide the LR by 10 once AUC stalls, before stopping
     seed: int = 2017
-    threads: int = 0  # intra-op threads; 0 = all cores
+    threads: int = 0  # intra-op threads; 0 = the cores this process may run on
     eval_batch_size: int = 65536
+    embedding_update: str = "dense"  # "dense": Adam over whole tables; "sparse": lazy Adam on touched rows
+    precision: str = "fp32"  # "fp32", or "bf16" (autocast of the MLP; fast only on CPUs with AVX512-BF16/AMX)
+    prefetch: bool = True  # build the next batches in a background thread
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> TrainConfig:
@@ -43,6 +50,10 @@ class TrainConfig:
         cfg = cls(**d)
         if cfg.monitor not in ("auc", "auc-logloss"):
             raise ValueError(f"monitor must be 'auc' or 'auc-logloss', got {cfg.monitor!r}")
+        if cfg.embedding_update not in ("dense", "sparse"):
+            raise ValueError(f"embedding_update must be 'dense' or 'sparse', got {cfg.embedding_update!r}")
+        if cfg.precision not in ("fp32", "bf16"):
+            raise ValueError(f"precision must be 'fp32' or 'bf16', got {cfg.precision!r}")
         return cfg
 
     def to_dict(self) -> dict[str, Any]:
@@ -63,10 +74,66 @@ def seed_everything(seed: int) -> None:
     np.random.seed(seed % (2**32))
 
 
+def available_cores() -> int:
+    """Cores this process may run on (affinity mask), not the host's total."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # not on Linux
+        return os.cpu_count() or 1
+
+
 def set_threads(threads: int) -> int:
-    n = threads or os.cpu_count() or 1
+    n = threads or available_cores()
     torch.set_num_threads(n)
     return n
+
+
+def autocast(precision: str) -> contextlib.AbstractContextManager:
+    if precision == "bf16":
+        return torch.autocast("cpu", dtype=torch.bfloat16)
+    return contextlib.nullcontext()
+
+
+class Prefetcher:
+    """Runs ``make(step)`` for steps 0..n-1 in a background thread, ``depth`` batches ahead. The work is
+    numpy slicing (which releases the GIL), so it overlaps the model's compute instead of adding to it."""
+
+    def __init__(self, make: Callable[[int], Any], n: int, depth: int = 3, threaded: bool = True) -> None:
+        self.make, self.n, self.threaded = make, n, threaded
+        self.q: queue.Queue = queue.Queue(maxsize=depth)
+        self.stop = threading.Event()
+
+    def _run(self) -> None:
+        try:
+            for step in range(self.n):
+                item = (True, self.make(step))
+                while not self.stop.is_set():
+                    try:
+                        self.q.put(item, timeout=0.1)
+                        break
+                    except queue.Full:
+                        continue
+                if self.stop.is_set():
+                    return
+        except BaseException as e:  # handed to the consumer, raised there
+            self.q.put((False, e))
+
+    def __iter__(self) -> Iterator[Any]:
+        if not self.threaded:
+            for step in range(self.n):
+                yield self.make(step)
+            return
+        t = threading.Thread(target=self._run, daemon=True, name="deepfm-prefetch")
+        t.start()
+        try:
+            for _ in range(self.n):
+                ok, item = self.q.get()
+                if not ok:
+                    raise item
+                yield item
+        finally:
+            self.stop.set()
+            t.join()
 
 
 @torch.no_grad()
@@ -107,9 +174,15 @@ def fit(
     if rows.size == 0:
         raise ValueError("no training rows")
     emb_l2 = model.cfg.embedding_l2
-    dense = [p for n, p in model.named_parameters() if n.startswith("dnn.")]
-    other = [p for n, p in model.named_parameters() if not n.startswith("dnn.")]
-    opt = torch.optim.Adam([{"params": other}, {"params": dense, "weight_decay": model.cfg.net_l2}], lr=cfg.lr)
+    sparse = None
+    if cfg.embedding_update == "sparse" and (model.w is not None or model.v is not None):
+        sparse = SparseEmbeddings(model, cfg.lr)
+    tables = {id(t.weight) for t in sparse.tables} if sparse else set()
+    named = [(n, p) for n, p in model.named_parameters() if id(p) not in tables]
+    dense = [p for n, p in named if n.startswith("dnn.")]
+    other = [p for n, p in named if not n.startswith("dnn.")]
+    opt = torch.optim.Adam([{"params": other}, {"params": dense, "weight_decay": model.cfg.net_l2}], lr=cfg.lr,
+                           foreach=True)
     loss_fn = torch.nn.BCEWithLogitsLoss()
     rng = np.random.default_rng(cfg.seed)
     history: list[dict[str, Any]] = []
@@ -122,17 +195,26 @@ def fit(
         t0, loss_sum, seen = time.perf_counter(), 0.0, 0
         bar = tqdm(total=rows.size, desc=f"epoch {epoch}/{cfg.epochs}", unit="row", unit_scale=True,
                    disable=not progress, leave=False, mininterval=0.5)
-        for step in range(steps_per_epoch):
+
+        def make(step: int, perm: np.ndarray = perm) -> tuple:
             sel = np.sort(perm[step * batch_size: (step + 1) * batch_size])  # sorted: mmap locality
             idx, val, y = train(sel)
-            logit = model(idx, val)
+            return idx, val, y, (sparse.prepare(idx) if sparse else None)
+
+        for step, (idx, val, y, rows_inv) in enumerate(Prefetcher(make, steps_per_epoch, threaded=cfg.prefetch)):
+            if sparse:
+                sparse.begin(*rows_inv)
+            with autocast(cfg.precision):
+                logit = model(idx, val).float()
             loss = loss_fn(logit, y)
             total = loss + emb_l2 * model.embedding_penalty(idx) if emb_l2 > 0 else loss
             opt.zero_grad(set_to_none=True)
             total.backward()
             opt.step()
-            loss_sum += loss.item() * len(sel)
-            seen += len(sel)
+            if sparse:
+                sparse.step()
+            loss_sum += loss.item() * len(y)
+            seen += len(y)
             if progress and (step % 20 == 0 or step == steps_per_epoch - 1):
                 bar.update(seen - bar.n)
                 bar.set_postfix(loss=f"{loss_sum / seen:.4f}")
@@ -167,6 +249,8 @@ def fit(
                 model.load_state_dict(best_state)
                 for g in opt.param_groups:
                     g["lr"] *= 0.1
+                if sparse:
+                    sparse.lr *= 0.1
                 continue
             break
     if best_state is not None:

@@ -1,0 +1,66 @@
+"""Measure this machine's GEMM rate for the DeepFM MLP shapes (fp32 and bf16), forward + backward.
+
+The training-sample cost of the paper's MLP (390-400-400-400-1) is 3 GEMMs forward and ~6 backward;
+``limit_samples_per_s`` = rate / flops_per_sample is the ceiling a GEMM-bound trainer can reach.
+
+    python benchmarks/gemm.py [--threads N] [--batch 4096]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+
+import torch
+
+
+def mlp_flops_per_sample(d_in: int, hidden: list[int]) -> float:
+    """Forward + backward (grad input and grad weight) multiply-adds x2 for the MLP, per sample."""
+    dims = [d_in, *hidden, 1]
+    macs = sum(a * b for a, b in zip(dims[:-1], dims[1:], strict=True))
+    return 2.0 * macs * 3  # fwd, dgrad, wgrad
+
+
+def gemm_rate(dtype: torch.dtype, batch: int, d_in: int, hidden: list[int], seconds: float = 2.0) -> float:
+    """GFLOP/s of the MLP's GEMMs alone (forward, grad-input, grad-weight), no elementwise work."""
+    dims = [d_in, *hidden, 1]
+    xs = [torch.randn(batch, a).to(dtype) for a in dims[:-1]]
+    ws = [torch.randn(b, a).to(dtype) * 0.05 for a, b in zip(dims[:-1], dims[1:], strict=True)]
+    gs = [torch.randn(batch, b).to(dtype) for b in dims[1:]]
+
+    def step() -> None:
+        for x, w, g in zip(xs, ws, gs, strict=True):
+            x @ w.t()      # forward
+            g @ w          # grad input
+            g.t() @ x      # grad weight
+
+    for _ in range(3):
+        step()
+    n, t0 = 0, time.perf_counter()
+    while time.perf_counter() - t0 < seconds:
+        step()
+        n += 1
+    dt = time.perf_counter() - t0
+    return n * batch * mlp_flops_per_sample(d_in, hidden) / dt / 1e9
+
+
+def measure(threads: int, batch: int = 4096, d_in: int = 390, hidden: list[int] | None = None) -> dict:
+    hidden = hidden or [400, 400, 400]
+    torch.set_num_threads(threads)
+    fps = mlp_flops_per_sample(d_in, hidden)
+    out = {"threads": threads, "batch": batch, "mflop_per_sample": fps / 1e6}
+    for name, dt in (("fp32", torch.float32), ("bf16", torch.bfloat16)):
+        rate = gemm_rate(dt, batch, d_in, hidden)
+        out[f"{name}_gflops"] = round(rate, 1)
+        out[f"{name}_limit_samples_per_s"] = round(rate * 1e9 / fps)
+    return out
+
+
+if __name__ == "__main__":
+    ap = argparse.ArgumentParser(description=__doc__)
+    ap.add_argument("--threads", type=int, default=0)
+    ap.add_argument("--batch", type=int, default=4096)
+    a = ap.parse_args()
+    import os
+    print(json.dumps(measure(a.threads or os.cpu_count() or 1, a.batch)))

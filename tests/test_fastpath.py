@@ -1,0 +1,168 @@
+"""The training fast paths against their reference: fused ReLU+dropout, the index_add gather, the sparse
+(lazy Adam) embedding update, and the background prefetcher."""
+
+import numpy as np
+import pytest
+import torch
+
+from deepfm.data.store import FieldSpec
+from deepfm.models.ctr import CTRModel, ModelConfig
+from deepfm.models.layers import FastDropout, gather_rows
+from deepfm.train.sparse import SparseEmbeddings, UniqueRows
+from deepfm.train.trainer import Prefetcher, TrainConfig
+
+FIELDS = [FieldSpec("a", "cat", 50, 1), FieldSpec("b", "cat", 70, 1), FieldSpec("x", "num", 2, 1),
+          FieldSpec("tags", "multi", 30, 3, "sum")]
+
+
+def _batch(B=64, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    idx = torch.stack([torch.randint(0, 50, (B,), generator=g), torch.randint(0, 70, (B,), generator=g),
+                       torch.zeros(B, dtype=torch.long), *[torch.randint(0, 30, (B,), generator=g)
+                                                           for _ in range(3)]], 1)
+    val = torch.ones(B, 6)
+    val[:, 2] = torch.randn(B, generator=g)
+    y = (torch.rand(B, generator=g) < 0.3).float()
+    return idx, val, y
+
+
+def test_fast_dropout_keeps_expected_fraction_scales_and_gradient_matches_mask():
+    torch.manual_seed(0)
+    d = FastDropout(0.3).train()
+    x = torch.randn(400, 500, requires_grad=True)
+    y = d(x, relu=True)
+    kept = y != 0
+    assert abs(kept.float().mean().item() - 0.7 * (x > 0).float().mean().item()) < 0.01
+    assert torch.allclose(y[kept], x[kept] / 0.7)
+    assert bool((x[kept] > 0).all())  # ReLU folded in
+    y.sum().backward()
+    assert torch.allclose(x.grad, kept.float() / 0.7)
+    d.eval()
+    assert torch.equal(d(x, relu=True), torch.relu(x))
+
+
+def test_fast_dropout_is_reproducible_under_manual_seed():
+    outs = []
+    for _ in range(2):
+        torch.manual_seed(5)
+        outs.append(FastDropout(0.5).train()(torch.ones(10, 10)))
+    assert torch.equal(*outs)
+
+
+def test_gather_rows_gradient_equals_embedding_gradient():
+    w = torch.randn(20, 4, requires_grad=True)
+    idx = torch.randint(0, 20, (8, 5))
+    g = torch.randn(8, 5, 4)
+    (gather_rows(w, idx) * g).sum().backward()
+    ref = w.detach().clone().requires_grad_()
+    (torch.nn.functional.embedding(idx, ref) * g).sum().backward()
+    assert torch.allclose(w.grad, ref.grad, atol=1e-6)
+
+
+def test_unique_rows_matches_numpy_unique_across_calls():
+    u, rng = UniqueRows(1000), np.random.default_rng(0)
+    for _ in range(10):
+        flat = rng.integers(0, 1000, rng.integers(1, 3000))
+        uniq, inv = u(flat)
+        assert np.array_equal(uniq[inv], flat)
+        assert np.array_equal(np.sort(uniq), np.unique(flat))
+
+
+def _models():
+    torch.manual_seed(0)
+    cfg = ModelConfig(embed_dim=4, hidden=[16], dropout=0.0, init_std=0.1)
+    a = CTRModel(FIELDS, cfg)
+    b = CTRModel(FIELDS, cfg)
+    b.load_state_dict(a.state_dict())
+    with torch.no_grad():
+        a.w.weight.normal_(0, 0.1)
+        b.w.weight.copy_(a.w.weight)
+    return a, b
+
+
+def _dense_step(model, opt, idx, val, y):
+    loss = torch.nn.functional.binary_cross_entropy_with_logits(model(idx, val), y)
+    opt.zero_grad()
+    loss.backward()
+    opt.step()
+
+
+def _sparse_step(model, sp, opt, idx, val, y):
+    sp.begin(*sp.prepare(idx))
+    loss = torch.nn.functional.binary_cross_entropy_with_logits(model(idx, val), y)
+    opt.zero_grad()
+    loss.backward()
+    opt.step()
+    sp.step()
+
+
+def test_sparse_update_equals_dense_adam_on_touched_rows_and_leaves_others():
+    dense, sparse = _models()
+    opt_d = torch.optim.Adam(dense.parameters(), lr=0.01)
+    sp = SparseEmbeddings(sparse, lr=0.01)
+    opt_s = torch.optim.Adam([p for n, p in sparse.named_parameters() if n not in ("w.weight", "v.weight")],
+                             lr=0.01)
+    idx, val, y = _batch()
+    before = sparse.v.weight.detach().clone()
+    _dense_step(dense, opt_d, idx, val, y)
+    _sparse_step(sparse, sp, opt_s, idx, val, y)
+    # first step: Adam moves exactly the touched rows, identically in both
+    for name in ("w.weight", "v.weight", "bias", "dnn.net.0.weight"):
+        assert torch.allclose(dict(dense.named_parameters())[name], dict(sparse.named_parameters())[name],
+                              atol=1e-6), name
+    touched = np.unique((idx + sparse.v.slot_offsets).numpy())
+    untouched = np.setdiff1d(np.arange(before.shape[0]), touched)
+    assert torch.equal(sparse.v.weight[untouched], before[untouched])
+    assert not torch.equal(sparse.v.weight[touched], before[touched])
+    # second step on other rows: dense Adam moves step-1 rows by stale momentum, lazy Adam does not
+    idx2 = idx.clone()
+    idx2[:, 0] = 49
+    after1 = sparse.v.weight.detach().clone()
+    _sparse_step(sparse, sp, opt_s, idx2, val, y)
+    only1 = np.setdiff1d(touched, (idx2 + sparse.v.slot_offsets).numpy())
+    assert torch.equal(sparse.v.weight[only1], after1[only1])
+    assert all(t.gathered is None for t in sp.tables)
+
+
+def test_prefetcher_yields_in_order_and_propagates_errors():
+    assert list(Prefetcher(lambda s: s * 2, 50)) == [2 * s for s in range(50)]
+    assert list(Prefetcher(lambda s: s, 5, threaded=False)) == list(range(5))
+
+    def bad(s):
+        if s == 3:
+            raise ValueError("boom")
+        return s
+
+    with pytest.raises(ValueError, match="boom"):
+        list(Prefetcher(bad, 10))
+    it = iter(Prefetcher(lambda s: s, 1000, depth=2))
+    assert next(it) == 0
+    it.close()  # early exit stops the thread
+
+
+def test_train_config_rejects_unknown_update_and_precision():
+    with pytest.raises(ValueError, match="embedding_update"):
+        TrainConfig.from_dict({"embedding_update": "lazy"})
+    with pytest.raises(ValueError, match="precision"):
+        TrainConfig.from_dict({"precision": "fp16"})
+
+
+@pytest.mark.parametrize("opts", [{"embedding_update": "sparse"}, {"precision": "bf16", "prefetch": False}])
+def test_fit_runs_with_fast_options_and_learns(opts):
+    from deepfm.data.preprocess import Encoded
+    from deepfm.data.store import Batcher
+    from deepfm.train.trainer import fit
+
+    rng = np.random.default_rng(0)
+    n = 4000
+    cat = np.stack([rng.integers(2, 50, n), rng.integers(2, 70, n)], 1).astype(np.int32)
+    logit = np.where(cat[:, 0] % 2 == 0, 1.5, -1.5)
+    label = (rng.random(n) < 1 / (1 + np.exp(-logit))).astype(np.float32)
+    enc = Encoded(cat=cat, num=np.zeros((n, 0), np.float32), multi={}, label=label)
+    fields = [FieldSpec("a", "cat", 50, 1), FieldSpec("b", "cat", 70, 1)]
+    torch.manual_seed(0)
+    model = CTRModel(fields, ModelConfig(embed_dim=4, hidden=[16], dropout=0.2))
+    cfg = TrainConfig(epochs=3, batch_size=256, lr=0.01, **opts)
+    hist = fit(model, Batcher(enc, fields), cfg, train_rows=np.arange(3000), valid=Batcher(enc, fields),
+               valid_rows=np.arange(3000, n), progress=False)
+    assert hist[-1]["valid_auc"] > 0.75
