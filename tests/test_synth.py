@@ -101,3 +101,18 @@ def test_split_fractions(tmp_path: Path) -> None:
 def test_bad_arguments(tmp_path: Path, kwargs: dict) -> None:
     with pytest.raises(ValueError):
         generate(tmp_path, **kwargs)
+
+
+def test_tail_adds_one_off_ids_only_in_large_fields(tmp_path: Path) -> None:
+    base = generate(tmp_path / "a", rows=4_000, seed=2, test_fraction=0.0, valid_fraction=0.0)
+    tail = generate(tmp_path / "b", rows=4_000, seed=2, test_fraction=0.0, valid_fraction=0.0, tail=0.5)
+    assert base["generator"]["tail"] == 0.0 and tail["generator"]["tail"] == 0.5
+    a, b = _rows(tmp_path / "a" / "train.tsv"), _rows(tmp_path / "b" / "train.tsv")
+    for f in range(26):
+        col_a, col_b = [r[14 + f] for r in a], [r[14 + f] for r in b]
+        changed = sum(x != y for x, y in zip(col_a, col_b, strict=True))
+        large = base["generator"]["cardinalities"][f] >= 10_000
+        assert (changed > 1_000) == large, f
+        if large:  # the replaced values are one-offs
+            new = [y for x, y in zip(col_a, col_b, strict=True) if x != y]
+            assert len(set(new)) == len(new) and not set(new) & set(col_a)

@@ -11,7 +11,10 @@ Hidden model (every parameter is drawn from ``seed``; rows are i.i.d.):
   ``pairwise`` = ``sum_{i<j in S} <u_i, u_j>`` over 4-d latent vectors of a subset S of fields (FM-style;
   a count's latent vector is a smooth function of ``log1p(x)``);
   ``mlp`` = a random one-hidden-layer tanh MLP over the latent vectors of four fields (higher-order term).
-  A missing value is its own value, with its own weight and latent vector. Weights and latent vectors shrink
+  A missing value is its own value, with its own weight and latent vector. With ``tail = q > 0``, in every
+  field of (unscaled) cardinality >= 10,000 a value is with probability q replaced by a one-off id (unique
+  in the whole data, weight and latent vector 0): the long tail of ids that occur once in real logs, which
+  makes the vocabulary large at min-count 1 (about ``q * 10 * rows`` rows) without changing the signal. Weights and latent vectors shrink
   with the value's frequency rank r as ``(1 + r / head) ** -decay``, so rare values barely matter and the
   signal is learnable from ~1M rows. s1, s2, s3 normalise each term to a target standard deviation and the
   bias sets the mean CTR, all calibrated on a fixed seeded sample (so they do not depend on ``rows``).
@@ -49,6 +52,7 @@ COMPONENT_STD = {"first_order": 1.0, "pairwise": 0.7, "mlp": 0.5}
 TARGET_CTR = 0.23
 RANK_HEAD, LATENT_HEAD, RANK_DECAY = 20.0, 5.0, 1.0  # shrink (1 + r / head) ** -decay, latents faster
 CALIBRATION_ROWS = 100_000
+TAIL_MIN_CARD = 10_000
 HEX = np.frombuffer(b"0123456789abcdef", dtype=np.uint8)
 
 
@@ -114,6 +118,26 @@ def _sample(model: _Model, n: int, rng: np.random.Generator) -> tuple[np.ndarray
     return cats, ints, imiss
 
 
+def _add_tail(model: _Model, cats: np.ndarray, tail: float, rng: np.random.Generator) -> None:
+    """Replace values by one-off ids k + 1 + row (disjoint from the k head values and the missing code k)."""
+    if tail <= 0:
+        return
+    n = cats.shape[1]
+    for f, k in enumerate(model.cards):
+        if CARDINALITIES[f] >= TAIL_MIN_CARD:
+            hit = rng.random(n) < tail
+            cats[f][hit] = k + 1 + np.flatnonzero(hit)
+
+
+def _head(table: np.ndarray, codes: np.ndarray, k: int) -> np.ndarray:
+    """table[codes] with one-off tail codes (> k) reading zeros."""
+    out = table[np.minimum(codes, k)]
+    tail = codes > k
+    if tail.any():
+        out[tail] = 0
+    return out
+
+
 def _int_latent(model: _Model, j: int, ints: np.ndarray, imiss: np.ndarray) -> np.ndarray:
     t = np.log1p(np.maximum(ints[j], 0))
     _, c, w, _ = model.int_first[j]
@@ -126,7 +150,7 @@ def _int_latent(model: _Model, j: int, ints: np.ndarray, imiss: np.ndarray) -> n
 def _latent(model: _Model, field: tuple[str, int], cats: np.ndarray, ints: np.ndarray,
             imiss: np.ndarray) -> np.ndarray:
     kind, i = field
-    return model.latents[i][cats[i]] if kind == "C" else _int_latent(model, i, ints, imiss)
+    return _head(model.latents[i], cats[i], model.cards[i]) if kind == "C" else _int_latent(model, i, ints, imiss)
 
 
 def _components(model: _Model, cats: np.ndarray, ints: np.ndarray, imiss: np.ndarray) -> np.ndarray:
@@ -134,7 +158,7 @@ def _components(model: _Model, cats: np.ndarray, ints: np.ndarray, imiss: np.nda
     n = cats.shape[1]
     first = np.zeros(n)
     for f, w in enumerate(model.weights):
-        first += w[cats[f]]
+        first += _head(w, cats[f], model.cards[f])
     for j in range(13):
         a, c, w, m = model.int_first[j]
         first += np.where(imiss[j], m, a * np.tanh((np.log1p(np.maximum(ints[j], 0)) - c) / w))
@@ -168,7 +192,7 @@ def _table(model: _Model, y: np.ndarray, cats: np.ndarray, ints: np.ndarray, imi
     cols = [pa.array(y.astype(np.int8))]
     cols += [pa.array(ints[j], mask=imiss[j]) for j in range(13)]
     for f, k in enumerate(model.cards):
-        present = cats[f] < k
+        present = cats[f] != k
         offsets = np.zeros(n + 1, dtype=np.int32)
         np.cumsum(np.where(present, 8, 0), out=offsets[1:])
         data = _hex(cats[f][present], int(model.hex_keys[f]))
@@ -187,7 +211,7 @@ def _atomic_write(path: Path, write) -> None:
 
 
 def generate(out_dir: str | Path, rows: int = 1_000_000, seed: int = 0, valid_fraction: float = 0.1,
-             test_fraction: float = 0.1, vocab_scale: float = 1.0) -> dict:
+             test_fraction: float = 0.1, vocab_scale: float = 1.0, tail: float = 0.0) -> dict:
     """Write train.tsv / valid.tsv / test.tsv (Criteo Kaggle format, no header) and oracle.json to out_dir.
 
     Returns the oracle.json dict: seed, rows, per-split rows / ctr / oracle_auc / oracle_logloss (of the true
@@ -197,6 +221,10 @@ def generate(out_dir: str | Path, rows: int = 1_000_000, seed: int = 0, valid_fr
         raise ValueError("need rows >= 1 and non-negative fractions with valid_fraction + test_fraction < 1")
     if vocab_scale <= 0:
         raise ValueError("vocab_scale must be positive")
+    if not 0 <= tail <= 1:
+        raise ValueError("tail must be in [0, 1]")
+    if rows + max(CARDINALITIES) * vocab_scale >= 2**31 - 2:
+        raise ValueError("rows + the largest cardinality must stay below 2**31")
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     model_ss, calib_ss, data_ss = np.random.SeedSequence(seed).spawn(3)
@@ -205,6 +233,8 @@ def generate(out_dir: str | Path, rows: int = 1_000_000, seed: int = 0, valid_fr
 
     data_rng = np.random.default_rng(data_ss)
     cats, ints, imiss = _sample(model, rows, data_rng)
+    if tail > 0:
+        _add_tail(model, cats, tail, np.random.default_rng(np.random.SeedSequence([seed, 7])))
     p = 1.0 / (1.0 + np.exp(-(model.bias + model.scales @ _components(model, cats, ints, imiss))))
     y = (data_rng.random(rows) < p).astype(np.int8)
 
@@ -224,7 +254,7 @@ def generate(out_dir: str | Path, rows: int = 1_000_000, seed: int = 0, valid_fr
     oracle = {
         "seed": seed, "rows": rows, "splits": splits,
         "generator": {
-            "valid_fraction": valid_fraction, "test_fraction": test_fraction, "vocab_scale": vocab_scale,
+            "valid_fraction": valid_fraction, "test_fraction": test_fraction, "vocab_scale": vocab_scale, "tail": tail,
             "cardinalities": model.cards, "cat_missing_rates": list(CAT_MISSING),
             "zipf_exponents": [round(float(a), 4) for a in model.zipf],
             "int_specs": [{"log_mu": m, "log_sigma": s, "missing_rate": r} for m, s, r in INT_SPECS],
