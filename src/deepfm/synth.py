@@ -14,7 +14,8 @@ Hidden model (every parameter is drawn from ``seed``; rows are i.i.d.):
   A missing value is its own value, with its own weight and latent vector. With ``tail = q > 0``, in every
   field of (unscaled) cardinality >= 10,000 a value is with probability q replaced by a one-off id (unique
   in the whole data, weight and latent vector 0): the long tail of ids that occur once in real logs, which
-  makes the vocabulary large at min-count 1 (about ``q * 10 * rows`` rows) without changing the signal. Weights and latent vectors shrink
+  makes the vocabulary large at min-count 1 (about ``q * 10 * rows`` rows) without changing the signal.
+  Weights and latent vectors shrink
   with the value's frequency rank r as ``(1 + r / head) ** -decay``, so rare values barely matter and the
   signal is learnable from ~1M rows. s1, s2, s3 normalise each term to a target standard deviation and the
   bias sets the mean CTR, all calibrated on a fixed seeded sample (so they do not depend on ``rows``).
