@@ -16,7 +16,7 @@ def test_min_count_oov_and_missing():
     pre, enc = _fit(schema, {"c": ["a", "a", "a", "b", "b", "rare", None]},
                     {"c": ["a", "b", "rare", "unseen", None, ""]})
     # vocabulary ordered by count: a (3) -> 2, b (2) -> 3; rare (1 < min_count) is not in it
-    assert pre.states["c"]["vocab"] == ["a", "b"]
+    assert pre.vocab("c") == ["a", "b"]
     assert enc.cat[:, 0].tolist() == [2, 3, OOV, OOV, MISSING, MISSING]
     assert pre.vocab_size(schema.fields[0]) == 4
 
@@ -24,7 +24,7 @@ def test_min_count_oov_and_missing():
 def test_fit_uses_training_rows_only_and_vocab_ties_are_deterministic():
     schema = Schema(fields=(Field("c"),), label="label")
     pre, _ = _fit(schema, {"c": ["z", "y", "x", "x"]})
-    assert pre.states["c"]["vocab"] == ["x", "y", "z"]
+    assert pre.vocab("c") == ["x", "y", "z"]
 
 
 def test_hash_buckets_need_no_vocabulary_and_are_stable():
@@ -52,7 +52,7 @@ def test_bucketize_turns_numeric_into_categorical():
     schema = Schema(fields=(Field("i", "numeric", transform="bucketize"),), label="label")
     pre, enc = _fit(schema, {"i": [0.0, 1.0, 2.0, 100.0, 100.0, -1.0, None]})
     assert schema.fields[0].encoded_kind == "cat" and enc.num.shape[1] == 0
-    vocab = pre.states["i"]["vocab"]
+    vocab = pre.vocab("i")
     assert str(int(np.floor(np.log(100) ** 2))) in vocab and "-1" in vocab
     assert enc.cat[3, 0] == enc.cat[4, 0] and enc.cat[6, 0] == MISSING
 
@@ -62,7 +62,7 @@ def test_multi_valued_offsets_truncation_and_missing():
     pre, enc = _fit(schema, {"g": ["a|b|c", "b", None, "a|zzz"]})
     off, vals = enc.multi["g"]
     assert off.tolist() == [0, 2, 3, 4, 6]
-    v = {t: i + 2 for i, t in enumerate(pre.states["g"]["vocab"])}
+    v = {t: i + 2 for i, t in enumerate(pre.vocab("g"))}
     assert vals.tolist() == [v["a"], v["b"], v["b"], MISSING, v["a"], v["zzz"]]
 
 

@@ -114,8 +114,8 @@ class Preprocessor:
         self.schema = schema
         self.states = states or {}
         for st in self.states.values():
-            if "vocab" in st:
-                st["_vocab_array"] = pa.array(st["vocab"], type=pa.string())
+            if "vocab" in st:  # kept as an Arrow array only: a 10M-value Python list costs ~1 GB
+                st["_vocab_array"] = pa.array(st.pop("vocab"), type=pa.string())
 
     # ------------------------------------------------------------------ fields by encoded kind
     def fields_of(self, kind: str) -> list[Field]:
@@ -127,7 +127,11 @@ class Preprocessor:
             return 2  # the value vector and the missing vector
         if f.hash_buckets is not None:
             return N_RESERVED + f.hash_buckets
-        return N_RESERVED + len(self.states[f.name]["vocab"])
+        return N_RESERVED + len(self.states[f.name]["_vocab_array"])
+
+    def vocab(self, name: str) -> list[str]:
+        """The vocabulary of a vocabulary-backed field, index i -> table row i + N_RESERVED."""
+        return self.states[name]["_vocab_array"].to_pylist()
 
     # ------------------------------------------------------------------ fit / transform
     def fit(self, data: ReadResult) -> Preprocessor:
@@ -154,7 +158,7 @@ class Preprocessor:
                 order = pc.sort_indices(pa.table({"c": -cnt, "v": vals}), sort_keys=[("c", "ascending"),
                                                                                       ("v", "ascending")])
                 vocab = pc.cast(vals.take(order), pa.string())
-                st = {"vocab": vocab.to_pylist(), "_vocab_array": vocab}
+                st = {"_vocab_array": vocab}
             states[f.name] = st
         self.states = states
         return self
@@ -181,7 +185,11 @@ class Preprocessor:
 
     # ------------------------------------------------------------------ persistence
     def to_dict(self) -> dict[str, Any]:
-        states = {k: {kk: vv for kk, vv in v.items() if not kk.startswith("_")} for k, v in self.states.items()}
+        states = {}
+        for k, v in self.states.items():
+            states[k] = {kk: vv for kk, vv in v.items() if not kk.startswith("_")}
+            if "_vocab_array" in v:
+                states[k]["vocab"] = v["_vocab_array"].to_pylist()
         return {"schema": self.schema.to_dict(), "states": states}
 
     @classmethod
