@@ -12,6 +12,7 @@ from deepfm.data import readers
 from deepfm.data.store import Batcher, layout
 from deepfm.errors import DataError
 from deepfm.serve.bundle import Bundle, load
+from deepfm.serve.fastpath import SMALL_BATCH, NumpyForward
 from deepfm.train.trainer import predict_logits, set_threads, sigmoid
 
 
@@ -21,6 +22,10 @@ class Predictor:
         self.pre = self.bundle.preprocessor
         self.fields = layout(self.pre)
         set_threads(threads)
+        try:
+            self.small: NumpyForward | None = NumpyForward(self.bundle.model)
+        except ValueError:  # a layer the numpy path does not cover: torch for every batch size
+            self.small = None
 
     @property
     def data_format(self) -> str | None:
@@ -35,7 +40,11 @@ class Predictor:
     def predict_result(self, data: readers.ReadResult, batch_size: int = 65536) -> np.ndarray:
         """float64 [N] click probabilities for already-read rows."""
         enc = self.pre.transform(data)
-        return sigmoid(predict_logits(self.bundle.model, Batcher(enc, self.fields), batch_size=batch_size))
+        batcher = Batcher(enc, self.fields)
+        if self.small is not None and enc.rows <= SMALL_BATCH:
+            idx, val, _ = batcher(slice(0, enc.rows))
+            return sigmoid(self.small(idx.numpy(), val.numpy()))
+        return sigmoid(predict_logits(self.bundle.model, batcher, batch_size=batch_size))
 
     def predict_file(self, path: str | Path, fmt: str | None = None, on_bad_rows: str = "error"
                      ) -> tuple[np.ndarray, readers.ReadResult]:
