@@ -17,7 +17,7 @@ import torch
 from torch import nn
 
 from deepfm.data.store import FieldSpec
-from deepfm.models.layers import MLP, FusedTable, fm_second_order
+from deepfm.models.layers import MLP, FastDropout, FusedTable, fm_second_order
 
 # name -> (first order, FM second order, DNN)
 MODELS = {"lr": (True, False, False), "fm": (True, True, False), "deepfm": (True, True, True),
@@ -75,6 +75,22 @@ class CTRModel(nn.Module):
             if self.dnn is not None:
                 logit = logit + self.dnn(e.flatten(1))
         return logit
+
+    def premake_dropout(self, batch: int) -> None:
+        """Draw the dropout masks of a coming training step of ``batch`` rows (see FastDropout.premake)."""
+        if self.dnn is None:
+            return
+        width = self.dnn.net[0].in_features
+        for layer in self.dnn.net:
+            if isinstance(layer, nn.Linear):
+                width = layer.out_features
+            elif isinstance(layer, FastDropout) and layer.p > 0:
+                layer.premake((batch, width))
+
+    def clear_premade(self) -> None:
+        for layer in self.modules():
+            if isinstance(layer, FastDropout):
+                layer.pending.clear()
 
     def embedding_penalty(self, idx: torch.Tensor) -> torch.Tensor:
         """Sum of squares of the table rows this batch uses (so the cost scales with the batch, not the
