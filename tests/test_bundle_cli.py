@@ -139,3 +139,15 @@ def test_help_has_examples():
     for cmd in ("train", "evaluate", "predict", "info", "synth", "demo"):
         r = run(cmd, "--help")
         assert r.exit_code == 0 and "Example" in r.output
+
+
+def test_sparse_embedding_update_trains_a_bundle_as_good_as_dense(synth_small, tmp_path):
+    aucs = {}
+    for mode in ("dense", "sparse"):
+        r = run("train", "--format", "criteo", "--train", synth_small / "train.tsv", "--valid",
+                synth_small / "valid.tsv", "--out", tmp_path / mode, "--embedding-update", mode, "--seed", 3, *FAST)
+        assert r.exit_code == 0, r.output
+        info = json.loads((tmp_path / mode / "training.json").read_text())
+        assert info["train"]["embedding_update"] == mode
+        aucs[mode] = json.loads(run("evaluate", tmp_path / mode, synth_small / "test.tsv", "--json").output)["auc"]
+    assert aucs["sparse"] > aucs["dense"] - 0.02, aucs

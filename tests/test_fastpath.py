@@ -166,3 +166,36 @@ def test_fit_runs_with_fast_options_and_learns(opts):
     hist = fit(model, Batcher(enc, fields), cfg, train_rows=np.arange(3000), valid=Batcher(enc, fields),
                valid_rows=np.arange(3000, n), progress=False)
     assert hist[-1]["valid_auc"] > 0.75
+
+
+def test_fast_dropout_without_relu_scales_kept_and_gradient_is_the_mask():
+    torch.manual_seed(1)
+    d = FastDropout(0.5).train()
+    x = torch.randn(300, 200, requires_grad=True)
+    y = d(x)
+    kept = y != 0
+    assert abs(kept.float().mean().item() - 0.5) < 0.01
+    assert torch.allclose(y[kept], 2 * x[kept])
+    y.sum().backward()
+    assert torch.allclose(x.grad, kept.float() * 2)
+
+
+def test_premade_masks_give_the_same_training_as_inline_masks():
+    from deepfm.data.preprocess import Encoded
+    from deepfm.data.store import Batcher
+    from deepfm.train.trainer import fit
+
+    rng = np.random.default_rng(0)
+    n = 2000
+    cat = np.stack([rng.integers(2, 50, n), rng.integers(2, 70, n)], 1).astype(np.int32)
+    enc = Encoded(cat=cat, num=np.zeros((n, 0), np.float32), multi={},
+                  label=(rng.random(n) < 0.3).astype(np.float32))
+    fields = [FieldSpec("a", "cat", 50, 1), FieldSpec("b", "cat", 70, 1)]
+    states = []
+    for prefetch in (True, False):
+        torch.manual_seed(0)
+        model = CTRModel(fields, ModelConfig(embed_dim=4, hidden=[16, 16], dropout=0.3))
+        fit(model, Batcher(enc, fields), TrainConfig(epochs=2, batch_size=300, prefetch=prefetch), progress=False)
+        states.append(model.state_dict())
+    for k in states[0]:
+        assert torch.equal(states[0][k], states[1][k]), k

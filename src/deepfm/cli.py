@@ -81,7 +81,12 @@ def main() -> None:
 @click.option("--batch-size", help="Rows per step, or 'auto' (about 100 steps per epoch, 128-4096).")
 @click.option("--lr", type=float)
 @click.option("--seed", type=int, help="Seed for the split, initialisation, shuffling and dropout.")
-@click.option("--threads", type=int, help="Intra-op CPU threads (default: all cores).")
+@click.option("--threads", type=int, help="Intra-op CPU threads (default: the cores this process may use).")
+@click.option("--embedding-update", type=click.Choice(["dense", "sparse"]),
+              help="dense: Adam over whole tables (the reference); sparse: lazy Adam on the rows each batch "
+                   "touches (cost independent of the vocabulary).")
+@click.option("--precision", type=click.Choice(["fp32", "bf16"]),
+              help="bf16 autocast of the MLP (fast only on CPUs with AVX512-BF16/AMX, and on GPUs).")
 @click.option("--min-count", type=int, help="Override every field's min_count.")
 @click.option("--on-bad-rows", type=click.Choice(["error", "skip"]), default="error", show_default=True)
 @click.option("--cache-dir", type=click.Path(), help="Encoded-store cache (default ~/.cache/deepfm, $DEEPFM_CACHE).")
@@ -89,7 +94,8 @@ def main() -> None:
 @click.option("--quiet", is_flag=True, help="No progress bars.")
 @friendly
 def train(fmt, train_path, valid_path, valid_fraction, test_path, schema_path, out, model, preset, overrides,
-          epochs, batch_size, lr, seed, threads, min_count, on_bad_rows, cache_dir, no_cache, quiet) -> None:
+          epochs, batch_size, lr, seed, threads, embedding_update, precision, min_count, on_bad_rows, cache_dir,
+          no_cache, quiet) -> None:
     """Train a model and write a bundle.
 
     \b
@@ -108,7 +114,8 @@ def train(fmt, train_path, valid_path, valid_fraction, test_path, schema_path, o
             raise DeepFMError(f"--batch-size must be a positive integer or 'auto', got {batch_size!r}")
         batch_size = int(batch_size)
     model_cfg, train_cfg = pipeline.resolve_config(preset, list(overrides), model=model, epochs=epochs,
-                                                   batch_size=batch_size, lr=lr, seed=seed, threads=threads)
+                                                   batch_size=batch_size, lr=lr, seed=seed, threads=threads,
+                                                   embedding_update=embedding_update, precision=precision)
     prep = pipeline.prepare(train_path, fmt, _schema(schema_path, fmt, min_count), valid_path, valid_fraction,
                             train_cfg.seed, on_bad_rows, cache_dir, not no_cache)
     pipeline.log(f"{prep.info['rows']:,} rows, {len(prep.fields)} fields, {prep.info['vocab_rows']:,} "

@@ -61,8 +61,9 @@ def fm_second_order(e: torch.Tensor) -> torch.Tensor:
 
 class FastDropout(nn.Module):
     """Inverted dropout (keep with probability 1 - p, scale by 1 / (1 - p)), as ``nn.Dropout``, with masks
-    drawn as uint16 by numpy's PCG64 (about 10x cheaper than torch's CPU bernoulli_, which costs as much as
-    a third of a DeepFM training step). ``p`` is applied with 1/65536 resolution. The stream is seeded
+    drawn as uint16 by numpy's PCG64 (four per raw 64-bit draw; over 10x cheaper than torch's CPU
+    bernoulli_, which costs as much as a third of a DeepFM training step). ``p`` is applied with 1/65536
+    resolution. The stream is seeded
     from torch's RNG on first use, so ``torch.manual_seed`` makes runs reproducible."""
 
     def __init__(self, p: float) -> None:
@@ -89,7 +90,8 @@ class FastDropout(nn.Module):
             raise RuntimeError(f"premade dropout mask {tuple(c.shape)} does not fit {tuple(shape)}")
         if self.rng is None:
             self.rng = np.random.default_rng(int(torch.randint(0, 2**62, (1,)).item()))
-        r = self.rng.integers(0, 65536, size=tuple(shape), dtype=np.uint16)
+        n = int(np.prod(shape))
+        r = self.rng.bit_generator.random_raw((n + 3) // 4).view(np.uint16)[:n].reshape(tuple(shape))
         return torch.from_numpy(np.multiply(r >= self.threshold, np.float32(1.0 / (1.0 - self.p)),
                                             dtype=np.float32))
 
