@@ -74,3 +74,24 @@ def test_preprocessor_roundtrip_json():
     np.testing.assert_array_equal(enc.cat, enc2.cat)
     np.testing.assert_array_equal(enc.num, enc2.num)
     assert pre.fingerprint() == pre2.fingerprint()
+
+
+def test_fit_transform_equals_fit_then_transform():
+    rng = np.random.default_rng(0)
+    n = 3000
+    vals = (rng.zipf(1.5, n) % 500).astype(str).astype(object)  # many values below min_count
+    vals[rng.random(n) < 0.1] = None
+    nums = rng.integers(0, 500, n).astype(float)
+    table = pa.table({"c": pa.array(vals.tolist(), pa.string()), "x": nums, "b": nums,
+                      "y": rng.integers(0, 2, n)})
+    schema = Schema(fields=(Field("c", "categorical", min_count=5), Field("x", "numeric", transform="log"),
+                            Field("b", "numeric", transform="bucketize", min_count=3)), label="y")
+    data = from_arrow(table, schema)
+    a = Preprocessor(schema).fit(data)
+    enc_a = a.transform(data)
+    b = Preprocessor(schema)
+    enc_b = b.fit_transform(data)
+    assert a.to_dict() == b.to_dict()
+    assert (enc_a.cat == OOV).any() and (enc_a.cat == MISSING).any()
+    np.testing.assert_array_equal(enc_a.cat, enc_b.cat)
+    np.testing.assert_array_equal(enc_a.num, enc_b.num)

@@ -11,6 +11,8 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any
 
@@ -44,8 +46,10 @@ def fnv1a64(arr: pa.Array) -> np.ndarray:
 
 
 def _numeric_transform(values: np.ndarray, f: Field, state: dict[str, Any]) -> np.ndarray:
-    if f.transform == "log":
-        return np.sign(values) * np.log1p(np.abs(values))
+    if f.transform == "log":  # sign(x) * log(1 + |x|), in float32 and in place
+        out = np.abs(values, dtype=np.float32)
+        np.log1p(out, out=out)
+        return np.copysign(out, values.astype(np.float32, copy=False), out=out)
     if f.transform == "standardize":
         return (values - state["mean"]) / state["std"]
     return values
@@ -85,6 +89,44 @@ def _lookup(tokens: pa.Array, f: Field, state: dict[str, Any]) -> np.ndarray:
         idx = pc.fill_null(pos, OOV - N_RESERVED).to_numpy(zero_copy_only=False).astype(np.int64) + N_RESERVED
     idx[missing] = MISSING
     return idx.astype(np.int32)
+
+
+def _map(fn: Any, items: list) -> list:
+    """fn over items on a thread per core, results in order (first error re-raised)."""
+    workers = min(len(items), len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else 1)
+    if workers <= 1:
+        return [fn(x) for x in items]
+    with ThreadPoolExecutor(workers) as pool:
+        return list(pool.map(fn, items))
+
+
+def _rows(columns: list[np.ndarray], n: int, dtype: type) -> np.ndarray:
+    """F columns of length n -> a C-contiguous [n, F] array."""
+    if not columns:
+        return np.empty((n, 0), dtype=dtype)
+    return np.ascontiguousarray(np.array(columns, dtype=dtype).T)
+
+
+def _vocab_order(values: pa.Array, counts: np.ndarray) -> tuple[pa.Array, np.ndarray]:
+    """Kept values ordered by training count (desc), then value -> (vocabulary as strings, the order:
+    vocabulary position i holds values[order[i]])."""
+    order = pc.sort_indices(pa.table({"c": -counts, "v": values}), sort_keys=[("c", "ascending"),
+                                                                            ("v", "ascending")])
+    return pc.cast(values.take(order), pa.string()), order.to_numpy()
+
+
+def _fit_encode(tokens: pa.Array, min_count: int) -> tuple[dict[str, Any], np.ndarray]:
+    """Vocabulary of one categorical column and the column encoded with it, from one dictionary encoding."""
+    enc = pc.dictionary_encode(tokens)  # nulls stay null in the indices
+    n_dict = len(enc.dictionary)
+    codes = pc.fill_null(enc.indices, n_dict).to_numpy(zero_copy_only=False)
+    counts = np.bincount(codes, minlength=n_dict + 1)[:n_dict]
+    keep = np.flatnonzero(counts >= min_count)
+    vocab, order = _vocab_order(enc.dictionary.take(pa.array(keep)), counts[keep])
+    remap = np.full(n_dict + 1, OOV, dtype=np.int32)
+    remap[keep[order]] = np.arange(len(order), dtype=np.int32) + N_RESERVED
+    remap[n_dict] = MISSING
+    return {"_vocab_array": vocab}, remap[codes]
 
 
 @dataclass
@@ -135,46 +177,63 @@ class Preprocessor:
 
     # ------------------------------------------------------------------ fit / transform
     def fit(self, data: ReadResult) -> Preprocessor:
-        if data.rows == 0:
-            raise DataError("cannot fit preprocessing on zero rows", path=data.path)
-        states: dict[str, dict[str, Any]] = {}
-        for f in self.schema.fields:
-            col = data.table.column(f.source).combine_chunks()
-            st: dict[str, Any] = {}
-            if f.encoded_kind == "num":
-                if f.transform == "standardize":
-                    x = col.to_numpy(zero_copy_only=False).astype(np.float64)
-                    x = x[~np.isnan(x)]
-                    mean = float(x.mean()) if x.size else 0.0
-                    std = float(x.std()) if x.size else 1.0
-                    st = {"mean": mean, "std": std if std > 0 else 1.0}
-            elif f.hash_buckets is None:
-                toks = _split_multi(col, f)[0] if f.encoded_kind == "multi" else _tokens(col, f)
-                vc = pc.value_counts(toks)
-                values, counts = vc.field("values"), vc.field("counts").to_numpy()
-                keep = (counts >= f.min_count) & ~pc.is_null(values).to_numpy(zero_copy_only=False)
-                vals = values.filter(pa.array(keep))
-                cnt = counts[keep]
-                order = pc.sort_indices(pa.table({"c": -cnt, "v": vals}), sort_keys=[("c", "ascending"),
-                                                                                      ("v", "ascending")])
-                vocab = pc.cast(vals.take(order), pa.string())
-                st = {"_vocab_array": vocab}
-            states[f.name] = st
-        self.states = states
+        self._fit(data)
         return self
 
-    def transform(self, data: ReadResult) -> Encoded:
+    def fit_transform(self, data: ReadResult) -> Encoded:
+        """``fit(data).transform(data)`` in one pass: categorical columns are hashed once (dictionary
+        encoding), counted from the codes and remapped, instead of hashed again by a vocabulary lookup."""
+        codes = self._fit(data)
+        return self.transform(data, codes)
+
+    def _fit_field(self, f: Field, col: pa.Array) -> tuple[dict[str, Any], np.ndarray | None]:
+        if f.encoded_kind == "num":
+            if f.transform != "standardize":
+                return {}, None
+            x = col.to_numpy(zero_copy_only=False).astype(np.float64)
+            x = x[~np.isnan(x)]
+            mean = float(x.mean()) if x.size else 0.0
+            std = float(x.std()) if x.size else 1.0
+            return {"mean": mean, "std": std if std > 0 else 1.0}, None
+        if f.hash_buckets is not None:
+            return {}, None
+        if f.encoded_kind == "cat":
+            return _fit_encode(_tokens(col, f), f.min_count)
+        vc = pc.value_counts(_split_multi(col, f)[0])
+        values, counts = vc.field("values"), vc.field("counts").to_numpy()
+        keep = (counts >= f.min_count) & ~pc.is_null(values).to_numpy(zero_copy_only=False)
+        return {"_vocab_array": _vocab_order(values.filter(pa.array(keep)), counts[keep])[0]}, None
+
+    def _fit(self, data: ReadResult) -> dict[str, np.ndarray]:
+        """Fit the states; returns the encoded columns of the fields encoded on the way (see fit_transform).
+        Fields are independent, so they run on a thread per core (Arrow and numpy release the GIL)."""
+        if data.rows == 0:
+            raise DataError("cannot fit preprocessing on zero rows", path=data.path)
+        fields = list(self.schema.fields)
+        done = _map(lambda f: self._fit_field(f, data.table.column(f.source).combine_chunks()), fields)
+        self.states = {f.name: st for f, (st, _) in zip(fields, done, strict=True)}
+        return {f.name: enc for f, (_, enc) in zip(fields, done, strict=True) if enc is not None}
+
+    def transform(self, data: ReadResult, _done: dict[str, np.ndarray] | None = None) -> Encoded:
         if not self.states and self.schema.fields:
             raise DataError("the preprocessor is not fitted: call fit() on the training data first")
         n = data.rows
         cat_fields, num_fields = self.fields_of("cat"), self.fields_of("num")
-        cat = np.empty((n, len(cat_fields)), dtype=np.int32)
-        for j, f in enumerate(cat_fields):
-            cat[:, j] = _lookup(_tokens(data.table.column(f.source).combine_chunks(), f), f, self.states[f.name])
-        num = np.empty((n, len(num_fields)), dtype=np.float32)
-        for j, f in enumerate(num_fields):
-            x = data.table.column(f.source).combine_chunks().to_numpy(zero_copy_only=False).astype(np.float64)
-            num[:, j] = _numeric_transform(x, f, self.states[f.name])
+        done = _done or {}
+
+        def cat_column(f: Field) -> np.ndarray:
+            if f.name in done:
+                return done[f.name]
+            return _lookup(_tokens(data.table.column(f.source).combine_chunks(), f), f, self.states[f.name])
+
+        def num_column(f: Field) -> np.ndarray:
+            x = data.table.column(f.source).combine_chunks().to_numpy(zero_copy_only=False)
+            return _numeric_transform(x.astype(np.float64, copy=False), f, self.states[f.name])
+
+        # columns are built side by side, then transposed once into row-major [N, F] (rows are what the
+        # loader slices); that is faster than writing each column with a stride
+        cat = _rows(_map(cat_column, cat_fields), n, np.int32)
+        num = _rows(_map(num_column, num_fields), n, np.float32)
         multi = {}
         for f in self.fields_of("multi"):
             flat, lengths = _split_multi(data.table.column(f.source).combine_chunks(), f)
