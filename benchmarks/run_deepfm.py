@@ -52,8 +52,8 @@ def run(data: Path, threads: int, batch: int, min_count: int, epochs: int, embed
     schema = readers.default_schema("criteo").with_overrides(min_count=min_count)
     t0 = time.perf_counter()
     tr = readers.read(data / "train.tsv", "criteo", schema)
-    pre = Preprocessor(schema).fit(tr)
-    enc_train = pre.transform(tr)
+    pre = Preprocessor(schema)
+    enc_train = pre.fit_transform(tr)
     del tr
     enc_valid = pre.transform(readers.read(data / "valid.tsv", "criteo", schema))
     enc_test = pre.transform(readers.read(data / "test.tsv", "criteo", schema))

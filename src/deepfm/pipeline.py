@@ -105,8 +105,8 @@ def prepare(
             train_rows, valid_rows = split_rows(res.rows, *split)
             fit_on = readers.ReadResult(res.table.take(train_rows), res.label[train_rows], res.schema, res.path,
                                         res.skipped)
-        pre = Preprocessor(res.schema).fit(fit_on)
-        enc = pre.transform(res)
+        pre = Preprocessor(res.schema)
+        enc = pre.fit_transform(res) if fit_on is res else pre.fit(fit_on).transform(res)
         info = {"rows": res.rows, "skipped_rows": res.skipped.count, "read_encode_seconds":
                 time.perf_counter() - t0, "path": str(train_path), "format": fmt}
         if use_cache:
