@@ -199,3 +199,14 @@ def test_premade_masks_give_the_same_training_as_inline_masks():
         states.append(model.state_dict())
     for k in states[0]:
         assert torch.equal(states[0][k], states[1][k]), k
+
+
+def test_auto_embedding_update_switches_on_table_size(monkeypatch):
+    from deepfm.train import trainer
+
+    model = CTRModel(FIELDS, ModelConfig(embed_dim=4, hidden=[8]))
+    assert not trainer.uses_sparse_update(model, "dense")
+    assert trainer.uses_sparse_update(model, "sparse")
+    assert not trainer.uses_sparse_update(model, "auto")  # 155 rows
+    monkeypatch.setattr(trainer, "AUTO_SPARSE_ROWS", 100)
+    assert trainer.uses_sparse_update(model, "auto")

@@ -82,9 +82,9 @@ def main() -> None:
 @click.option("--lr", type=float)
 @click.option("--seed", type=int, help="Seed for the split, initialisation, shuffling and dropout.")
 @click.option("--threads", type=int, help="Intra-op CPU threads (default: the cores this process may use).")
-@click.option("--embedding-update", type=click.Choice(["dense", "sparse"]),
+@click.option("--embedding-update", type=click.Choice(["dense", "sparse", "auto"]),
               help="dense: Adam over whole tables (the reference); sparse: lazy Adam on the rows each batch "
-                   "touches (cost independent of the vocabulary).")
+                   "touches (cost independent of the vocabulary); auto: sparse from 1M table rows up.")
 @click.option("--precision", type=click.Choice(["fp32", "bf16"]),
               help="bf16 autocast of the MLP (fast only on CPUs with AVX512-BF16/AMX, and on GPUs).")
 @click.option("--min-count", type=int, help="Override every field's min_count.")

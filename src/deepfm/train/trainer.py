@@ -39,7 +39,9 @@ class TrainConfig:
     seed: int = 2017
     threads: int = 0  # intra-op threads; 0 = the cores this process may run on
     eval_batch_size: int = 65536
-    embedding_update: str = "dense"  # "dense": Adam over whole tables; "sparse": lazy Adam on touched rows
+    # "dense": Adam over whole tables; "sparse": lazy Adam on the touched rows; "auto": sparse from
+    # AUTO_SPARSE_ROWS table rows up, where dense Adam's per-step cost over the table dominates
+    embedding_update: str = "dense"
     precision: str = "fp32"  # "fp32", or "bf16" (autocast of the MLP; fast only on CPUs with AVX512-BF16/AMX)
     prefetch: bool | str = "auto"  # build the next batches in a background thread; "auto": when a core is free
 
@@ -52,8 +54,8 @@ class TrainConfig:
         cfg = cls(**d)
         if cfg.monitor not in ("auc", "auc-logloss"):
             raise ValueError(f"monitor must be 'auc' or 'auc-logloss', got {cfg.monitor!r}")
-        if cfg.embedding_update not in ("dense", "sparse"):
-            raise ValueError(f"embedding_update must be 'dense' or 'sparse', got {cfg.embedding_update!r}")
+        if cfg.embedding_update not in ("dense", "sparse", "auto"):
+            raise ValueError(f"embedding_update must be 'dense', 'sparse' or 'auto', got {cfg.embedding_update!r}")
         if cfg.prefetch not in (True, False, "auto"):
             raise ValueError(f"prefetch must be true, false or 'auto', got {cfg.prefetch!r}")
         if cfg.precision not in ("fp32", "bf16"):
@@ -159,6 +161,16 @@ class Prefetcher:
             t.join()
 
 
+AUTO_SPARSE_ROWS = 1_000_000
+
+
+def uses_sparse_update(model: CTRModel, mode: str) -> bool:
+    table = model.v if model.v is not None else model.w
+    if table is None or mode == "dense":
+        return False
+    return mode == "sparse" or table.weight.shape[0] >= AUTO_SPARSE_ROWS
+
+
 @torch.no_grad()
 def predict_logits(model: CTRModel, batcher: Batcher, rows: np.ndarray | None = None,
                    batch_size: int = 65536) -> np.ndarray:
@@ -201,7 +213,7 @@ def fit(
         raise ValueError("no training rows")
     emb_l2 = model.cfg.embedding_l2
     sparse = None
-    if cfg.embedding_update == "sparse" and (model.w is not None or model.v is not None):
+    if uses_sparse_update(model, cfg.embedding_update):
         sparse = SparseEmbeddings(model, cfg.lr)
     tables = {id(t.weight) for t in sparse.tables} if sparse else set()
     named = [(n, p) for n, p in model.named_parameters() if id(p) not in tables]

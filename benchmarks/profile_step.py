@@ -1,0 +1,57 @@
+"""Where a DeepFM training step's time goes: GEMMs versus everything else, from torch's profiler.
+
+    python benchmarks/profile_step.py --data DIR [--steps 20] [--threads 2] [--embedding-update dense]
+
+DIR holds a Criteo-format train.tsv (e.g. from ``deepfm synth``). Trains the paper config (embedding 10,
+400-400-400, dropout 0.5, batch 4096) for a few warm-up steps, then profiles ``--steps`` steps and prints
+the time per step in GEMMs (aten::mm/addmm), in the other top ops, and the GEMM share.
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+from pathlib import Path
+
+import numpy as np
+from torch.profiler import profile
+
+from deepfm.data import readers
+from deepfm.data.preprocess import Preprocessor
+from deepfm.data.store import Batcher, layout
+from deepfm.models.ctr import ModelConfig, build_model
+from deepfm.train.trainer import TrainConfig, fit
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--data", type=Path, required=True)
+    ap.add_argument("--steps", type=int, default=20)
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--embedding-update", default="dense")
+    a = ap.parse_args()
+    schema = readers.default_schema("criteo")
+    pre = Preprocessor(schema)
+    enc = pre.fit_transform(readers.read(a.data / "train.tsv", "criteo", schema))
+    fields = layout(pre)
+    model = build_model(fields, ModelConfig())
+    cfg = TrainConfig(epochs=1, batch_size=4096, threads=a.threads, embedding_update=a.embedding_update)
+    batcher = Batcher(enc, fields)
+    fit(model, batcher, cfg, train_rows=np.arange(4096 * 3), progress=False)  # warm-up
+    rows = np.arange(4096 * a.steps)
+    t0 = time.perf_counter()
+    fit(model, batcher, cfg, train_rows=rows, progress=False)
+    plain = (time.perf_counter() - t0) / a.steps
+    with profile() as prof:
+        fit(model, batcher, cfg, train_rows=rows, progress=False)
+    ops = sorted(prof.key_averages(), key=lambda e: -e.self_cpu_time_total)
+    total = sum(e.self_cpu_time_total for e in ops) / 1e3 / a.steps
+    gemm = sum(e.self_cpu_time_total for e in ops if e.key in ("aten::mm", "aten::addmm")) / 1e3 / a.steps
+    print(f"step without profiler: {plain * 1e3:.1f} ms ({4096 / plain:,.0f} samples/s)")
+    print(f"profiled ops per step: {total:.1f} ms, of which GEMM {gemm:.1f} ms ({100 * gemm / total:.0f}%)")
+    for e in ops[:15]:
+        print(f"  {e.key:<40} {e.self_cpu_time_total / 1e3 / a.steps:7.2f} ms/step  ({e.count // a.steps} calls)")
+
+
+if __name__ == "__main__":
+    main()
