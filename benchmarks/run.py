@@ -199,6 +199,9 @@ def main() -> None:
         res_path = ROOT / "benchmarks" / "results" / f"{setting}.json"
         res_path.parent.mkdir(parents=True, exist_ok=True)
         res_path.write_text(json.dumps(record, indent=2) + "\n")
+        history = res_path.parent / "history" / f"{setting}-{time.strftime('%Y%m%d-%H%M%S')}.json"
+        history.parent.mkdir(exist_ok=True)  # every run kept: timings on a shared VM vary run to run
+        history.write_text(json.dumps(record, indent=2) + "\n")
         block = (f"Setting **{setting}** ({rows:,} synthetic rows: 10/12 train, 1/12 valid, 1/12 test; "
                  f"min-count {record['min_count']}, tail {record['tail']}"
                  + (f"; training on the first {conf['train_limit']:,} rows, so the AUC is not comparable"
