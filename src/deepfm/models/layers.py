@@ -63,8 +63,8 @@ class FastDropout(nn.Module):
     """Inverted dropout (keep with probability 1 - p, scale by 1 / (1 - p)), as ``nn.Dropout``, with masks
     drawn as uint16 by numpy's PCG64 (four per raw 64-bit draw; over 10x cheaper than torch's CPU
     bernoulli_, which costs as much as a third of a DeepFM training step). ``p`` is applied with 1/65536
-    resolution. The stream is seeded
-    from torch's RNG on first use, so ``torch.manual_seed`` makes runs reproducible."""
+    resolution. The stream is seeded from torch's RNG on first use, so ``torch.manual_seed`` makes runs
+    reproducible."""
 
     def __init__(self, p: float) -> None:
         super().__init__()
@@ -136,6 +136,10 @@ class _MaskScale(torch.autograd.Function):
         return grad * c, None
 
 
+def _take_rows(table: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
+    return table.index_select(0, index.reshape(-1)).view(*index.shape, table.shape[1])
+
+
 class _Gather(torch.autograd.Function):
     """rows = table[index] with the backward as one flat ``index_add_`` (4-5x faster on CPU than
     ``embedding_dense_backward``); the gradient is dense over ``table``'s rows."""
@@ -144,7 +148,7 @@ class _Gather(torch.autograd.Function):
     def forward(ctx, table: torch.Tensor, index: torch.Tensor) -> torch.Tensor:  # type: ignore[override]
         ctx.save_for_backward(index)
         ctx.rows = table.shape[0]
-        return table.index_select(0, index.reshape(-1)).view(*index.shape, table.shape[1])
+        return _take_rows(table, index)
 
     @staticmethod
     def backward(ctx, grad: torch.Tensor):  # type: ignore[override]
@@ -163,7 +167,7 @@ def gather_rows(table: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
     """[R, K] table, [...] int64 index -> [..., K]."""
     if torch.is_grad_enabled() and table.requires_grad:
         return _Gather.apply(table, index)
-    return table.index_select(0, index.reshape(-1)).view(*index.shape, table.shape[1])
+    return _take_rows(table, index)
 
 
 class MLP(nn.Module):

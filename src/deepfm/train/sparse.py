@@ -3,7 +3,7 @@
 Dense Adam over one fused ``[V, K]`` table reads and writes ``V * K`` parameters, gradients and two moment
 buffers every step; with Criteo-scale vocabularies (1M-30M rows) that dominates the step. Here each step:
 
-1. ``begin(idx)``: the unique table rows ``u`` of the batch (O(batch) with two persistent scratch arrays,
+1. ``begin(idx)``: the unique table rows ``u`` of the batch (O(batch) with one persistent scratch array,
    no sort), and for every table a leaf ``weight[u]`` that the model reads through ``inv`` (see
    ``FusedTable.gathered``), so backward yields a ``[U, K]`` gradient;
 2. ``step()``: lazy Adam on those rows only (the moments of untouched rows are left as they are, as in
@@ -66,14 +66,6 @@ class LazyAdam:
             m_all.index_copy_(0, rows, m)
             v_all.index_copy_(0, rows, v)
             t.weight.data.index_copy_(0, rows, w)
-
-    def state_dict(self) -> dict:
-        return {"steps": self.steps, "exp_avg": self.exp_avg, "exp_avg_sq": self.exp_avg_sq, "lr": self.lr}
-
-    def load_state_dict(self, d: dict) -> None:
-        self.steps, self.lr = int(d["steps"]), float(d["lr"])
-        for dst, src in zip(self.exp_avg + self.exp_avg_sq, list(d["exp_avg"]) + list(d["exp_avg_sq"]), strict=True):
-            dst.copy_(src)
 
 
 class SparseEmbeddings:
