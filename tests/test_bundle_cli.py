@@ -56,10 +56,10 @@ def test_evaluate_json_matches_training_test_metrics(trained, synth_small):
 
 
 def test_reloaded_bundle_gives_identical_predictions(trained, synth_small, tmp_path):
-    p1, _ = Predictor(trained).predict_file(synth_small / "test.tsv")
+    p1 = Predictor(trained).predict_file(synth_small / "test.tsv").probabilities
     copy = tmp_path / "copy"
     shutil.copytree(trained, copy)
-    p2, _ = Predictor(copy).predict_file(synth_small / "test.tsv")
+    p2 = Predictor(copy).predict_file(synth_small / "test.tsv").probabilities
     np.testing.assert_array_equal(p1, p2)
 
 
@@ -68,7 +68,7 @@ def test_predict_writes_parquet_and_csv_with_id(trained, synth_small, tmp_path):
     assert r.exit_code == 0, r.output
     t = pq.read_table(tmp_path / "p.parquet")
     assert t.num_rows == 600 and t.column_names == ["probability"]
-    p, _ = Predictor(trained).predict_file(synth_small / "test.tsv")
+    p = Predictor(trained).predict_file(synth_small / "test.tsv").probabilities
     np.testing.assert_allclose(t.column("probability").to_numpy(), p)
     r = run("predict", trained, synth_small / "test.tsv", "--out", tmp_path / "p.csv", "--id-column", "C1")
     assert r.exit_code == 0, r.output

@@ -148,10 +148,10 @@ def evaluate(bundle, data, fmt, on_bad_rows, as_json) -> None:
     from deepfm.train.metrics import evaluate as metrics
 
     pred = Predictor(bundle)
-    p, res = pred.predict_file(data, fmt, on_bad_rows)
+    res = pred.predict_file(data, fmt, on_bad_rows)
     if res.label is None:
         raise DeepFMError(f"{data}: no label column, cannot evaluate (use `deepfm predict` to score it)")
-    m = metrics(res.label, p)
+    m = metrics(res.label, res.probabilities)
     m["skipped_rows"] = res.skipped.count
     if as_json:
         click.echo(json.dumps(_jsonable(m)))
@@ -166,59 +166,172 @@ def evaluate(bundle, data, fmt, on_bad_rows, as_json) -> None:
 @main.command()
 @click.argument("bundle", type=click.Path(exists=True))
 @click.argument("data", type=click.Path(exists=True))
-@click.option("--out", required=True, type=click.Path(), help="Output .parquet or .csv file.")
+@click.option("--out", required=True, type=click.Path(), help="Output .parquet, .csv or .tsv file.")
 @click.option("--format", "fmt", type=click.Choice(FORMATS), help="Default: the format the bundle was trained on.")
 @click.option("--id-column", help="A column of DATA to copy into the output (e.g. id). "
                                   "For files without a header use the schema's column name.")
 @click.option("--on-bad-rows", type=click.Choice(["error", "skip"]), default="error", show_default=True)
+@click.option("--engine", type=click.Choice(["torch", "onnxruntime"]), default="torch", show_default=True,
+              help="Run the model with torch, or export it to ONNX and run it with onnxruntime.")
+@click.option("--threads", type=int, default=0, help="Intra-op threads (default: the cores this process may use).")
+@click.option("--block-mb", type=int, default=16, show_default=True,
+              help="Rows are read, scored and written in blocks of about this much input text.")
+@click.option("--quiet", is_flag=True, help="No progress bar.")
 @friendly
-def predict(bundle, data, out, fmt, id_column, on_bad_rows) -> None:
-    """Score raw rows: write one click probability per row.
+def predict(bundle, data, out, fmt, id_column, on_bad_rows, engine, threads, block_mb, quiet) -> None:
+    """Score raw rows: write one click probability per row (streamed: memory stays bounded for input
+    larger than RAM; the output appears only when complete).
 
     \b
-    Example:
+    Examples:
       deepfm predict runs/criteo day2.txt --out scores.parquet
       deepfm predict runs/avazu test.csv --format avazu --id-column id --out scores.csv
+      deepfm predict runs/criteo day2.parquet --format parquet --engine onnxruntime --out scores.parquet
     """
     import pyarrow as pa
+    from tqdm import tqdm
 
     from deepfm.serve.predictor import Predictor
 
-    pred = Predictor(bundle)
-    p, res = pred.predict_file(data, fmt, on_bad_rows)
-    cols: dict[str, Any] = {}
-    if id_column:
-        cols[id_column] = _id_column(data, fmt or pred.data_format, id_column, res)
-    cols["probability"] = pa.array(p)
-    _write_table(pa.table(cols), Path(out))
-    if res.skipped.count:
-        click.echo(res.skipped.summary(str(data)), err=True)
-    click.echo(f"wrote {len(p):,} predictions to {out}")
+    pred = Predictor(bundle, threads=threads, engine=engine)
+    columns = [id_column] if id_column else None
+    writer = _BlockWriter(Path(out))
+    n, skipped = 0, None
+    bar = tqdm(unit=" rows", unit_scale=True, desc="scoring", disable=quiet, file=sys.stderr)
+    try:
+        for p, block in pred.iter_file(data, fmt, on_bad_rows, columns=columns, block_bytes=block_mb << 20):
+            cols: dict[str, Any] = {c: block.extra[c] for c in columns or []}
+            cols["probability"] = pa.array(p)
+            writer.write(pa.table(cols))
+            n += len(p)
+            skipped = block.skipped
+            bar.update(len(p))
+        writer.close()
+    except BaseException:
+        writer.abort()
+        raise
+    finally:
+        bar.close()
+    if skipped is not None and skipped.count:
+        click.echo(skipped.summary(str(data)), err=True)
+    click.echo(f"wrote {n:,} predictions to {out}")
 
 
-def _id_column(data: str, fmt: str, name: str, res: Any) -> Any:
-    from deepfm.data.readers import read_column
+class _BlockWriter:
+    """Append tables to a .parquet/.csv/.tsv under a temporary name; ``close`` renames it into place,
+    ``abort`` removes it (a failed run never leaves a partial output)."""
 
-    if res.skipped.count:
-        raise DeepFMError("--id-column cannot be combined with skipped bad rows; fix the rows or drop --id-column")
-    return read_column(data, fmt, name)
+    def __init__(self, out: Path) -> None:
+        if out.suffix not in (".parquet", ".csv", ".tsv"):
+            raise DeepFMError(f"--out {out}: use a .parquet, .csv or .tsv file name")
+        out.parent.mkdir(parents=True, exist_ok=True)
+        self.out, self.tmp, self.writer = out, out.with_name(f".{out.name}.tmp"), None
+
+    def write(self, table: Any) -> None:
+        import pyarrow.csv as pv
+        import pyarrow.parquet as pq
+
+        if self.writer is None:
+            if self.out.suffix == ".parquet":
+                self.writer = pq.ParquetWriter(self.tmp, table.schema)
+            else:
+                opts = pv.WriteOptions(delimiter="\t" if self.out.suffix == ".tsv" else ",")
+                self.writer = pv.CSVWriter(self.tmp, table.schema, write_options=opts)
+        self.writer.write_table(table)
+
+    def close(self) -> None:
+        import os
+
+        if self.writer is not None:
+            self.writer.close()
+            os.replace(self.tmp, self.out)
+
+    def abort(self) -> None:
+        import contextlib
+        import os
+
+        if self.writer is not None:
+            with contextlib.suppress(Exception):
+                self.writer.close()
+        with contextlib.suppress(OSError):
+            os.unlink(self.tmp)
 
 
-def _write_table(table: Any, out: Path) -> None:
-    import os
+# ------------------------------------------------------------------------------------------- serve / export
+@main.command()
+@click.argument("bundle", type=click.Path(exists=True, file_okay=False))
+@click.option("--host", default="127.0.0.1", show_default=True,
+              help="Interface to bind; 127.0.0.1 serves this machine only (use 0.0.0.0 to expose it).")
+@click.option("--port", type=int, default=8000, show_default=True)
+@click.option("--workers", type=int, default=1, show_default=True, help="Server processes, each with the model.")
+@click.option("--threads", type=int, default=0, help="Intra-op threads per worker (default: the cores available).")
+@click.option("--engine", type=click.Choice(["torch", "onnxruntime"]), default="torch", show_default=True)
+@click.option("--max-rows", type=int, default=1000, show_default=True, help="Rows per request (more: 422).")
+@click.option("--max-body-mb", type=float, default=4.0, show_default=True, help="Request body limit (more: 413).")
+@click.option("--timeout", "timeout_s", type=float, default=10.0, show_default=True,
+              help="Seconds a request may wait and compute before a 503.")
+@click.option("--admin-token", envvar="DEEPFM_ADMIN_TOKEN",
+              help="Enables POST /admin/reload with 'Authorization: Bearer TOKEN' (default: $DEEPFM_ADMIN_TOKEN; "
+                   "off when unset). SIGHUP also reloads the bundle.")
+@click.option("--log-level", default="info", show_default=True)
+@friendly
+def serve(bundle, host, port, workers, threads, engine, max_rows, max_body_mb, timeout_s, admin_token,
+          log_level) -> None:
+    """Serve a bundle over HTTP: POST /v1/predict with raw feature values, get probabilities.
 
-    import pyarrow.csv as pv
-    import pyarrow.parquet as pq
+    \b
+    Example:
+      deepfm serve runs/criteo --port 8000
+      curl -s localhost:8000/v1/predict -H 'content-type: application/json' \\
+           -d '{"rows": [{"I1": 3, "C1": "68fd1e64", "C2": "80e26c9b"}]}'
+    Endpoints: /v1/predict, /healthz, /v1/metadata, /docs (OpenAPI), /admin/reload (with --admin-token).
+    """
+    from deepfm.serve.bundle import load
+    from deepfm.serve.server import ServeConfig
+    from deepfm.serve.server import serve as run_server
 
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_name(f".{out.name}.tmp")
-    if out.suffix in (".csv", ".tsv"):
-        pv.write_csv(table, tmp, pv.WriteOptions(delimiter="\t" if out.suffix == ".tsv" else ","))
-    elif out.suffix == ".parquet":
-        pq.write_table(table, tmp)
-    else:
-        raise DeepFMError(f"--out {out}: use a .parquet, .csv or .tsv file name")
-    os.replace(tmp, out)
+    if workers < 1 or max_rows < 1 or max_body_mb <= 0 or timeout_s <= 0:
+        raise DeepFMError("--workers, --max-rows, --max-body-mb and --timeout must be positive")
+    load(bundle)  # fail here, with a clear message, rather than in every worker
+    cfg = ServeConfig(bundle=str(Path(bundle).resolve()), max_rows=max_rows,
+                      max_body_bytes=int(max_body_mb * (1 << 20)), timeout_s=timeout_s,
+                      admin_token=admin_token, threads=threads, engine=engine)
+    click.echo(f"serving {bundle} on http://{host}:{port} ({workers} worker(s), engine {engine}); "
+               f"admin reload {'on' if admin_token else 'off'}", err=True)
+    run_server(cfg, host=host, port=port, workers=workers, log_level=log_level)
+
+
+@main.command()
+@click.argument("bundle", type=click.Path(exists=True, file_okay=False))
+@click.option("--format", "fmt", type=click.Choice(["onnx", "torchscript"]), default="onnx", show_default=True)
+@click.option("--out", type=click.Path(), help="Output file (default: BUNDLE/../<bundle name>.onnx or .pt).")
+@click.option("--check-rows", type=int, default=10000, show_default=True,
+              help="Rows of random encoded input on which the export is checked against the torch model.")
+@friendly
+def export(bundle, fmt, out, check_rows) -> None:
+    """Export a bundle's model to ONNX (or TorchScript) and check it against the torch model.
+
+    The exported graph takes encoded inputs (idx int64 [batch, slots], val float32 [batch, slots]) and returns
+    logit and probability [batch]; preprocessing.json in the bundle holds what encodes raw values.
+
+    \b
+    Example:
+      deepfm export runs/criteo --format onnx --out criteo.onnx
+    """
+    import numpy as np
+
+    from deepfm.serve.bundle import load
+    from deepfm.serve.export import check_export, export_onnx, export_torchscript
+
+    b = load(bundle)
+    path = Path(out) if out else Path(bundle).resolve().parent / (Path(bundle).resolve().name
+                                                                   + (".onnx" if fmt == "onnx" else ".pt"))
+    (export_onnx if fmt == "onnx" else export_torchscript)(b.model, path)
+    diff = check_export(b.model, path, fmt, rows=check_rows) if check_rows > 0 else float("nan")
+    if np.isfinite(diff) and diff > 1e-5:
+        path.unlink(missing_ok=True)
+        raise DeepFMError(f"export check failed: max |p_{fmt} - p_torch| = {diff:.2e} > 1e-5; nothing written")
+    click.echo(f"wrote {path}; max |p_{fmt} - p_torch| over {check_rows:,} random rows: {diff:.2e}")
 
 
 # ------------------------------------------------------------------------------------------- info

@@ -11,10 +11,10 @@ Formats: ``criteo`` (Kaggle TSV, no header), ``avazu`` (CSV), ``libfm`` (Frappe/
 
 from __future__ import annotations
 
-import mmap
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pyarrow as pa
@@ -76,6 +76,57 @@ def _first_line(path: Path) -> str:
     return line.decode("utf-8", errors="replace").rstrip("\r\n")
 
 
+def _csv_options(names: list[str], delimiter: str, skip_header: bool, quote: bool, use_threads: bool,
+                 handler: Callable[[pv.InvalidRow], str], block_size: int = 4 << 20) -> dict:
+    return dict(
+        read_options=pv.ReadOptions(
+            column_names=names, skip_rows=1 if skip_header else 0, use_threads=use_threads,
+            block_size=block_size,  # 2-4 MB blocks parse 2.5x faster than 16 MB (cache)
+        ),
+        parse_options=pv.ParseOptions(
+            delimiter=delimiter, quote_char='"' if quote else False, invalid_row_handler=handler,
+            ignore_empty_lines=False,
+        ),
+        convert_options=pv.ConvertOptions(
+            column_types={n: pa.binary() for n in names}, strings_can_be_null=True, null_values=[""],
+            quoted_strings_can_be_null=False,
+        ),
+    )
+
+
+class _InvalidRows:
+    """Collects the rows with a wrong column count that pyarrow's parser reports (line, text, columns)."""
+
+    def __init__(self, path: Path, n_names: int, on_bad_rows: str, bad: BadRows) -> None:
+        self.path, self.n_names, self.on_bad_rows, self.bad = path, n_names, on_bad_rows, bad
+        self.rows: list[tuple[int | None, str, int]] = []
+        self.reported = 0
+        self.bad_lines = np.empty(0, dtype=np.int64)
+
+    def __call__(self, row: pv.InvalidRow) -> str:
+        self.rows.append((row.number, row.text, row.actual_columns))
+        return "skip"
+
+    def lines(self, first: int, start_row: int, n: int) -> np.ndarray:
+        """1-based file line of rows ``start_row .. start_row + n`` of the parsed output: raises for (or
+        counts) the invalid rows seen so far, and shifts each row past the skipped lines before it."""
+        new = sorted(self.rows[self.reported:], key=lambda t: t[0] or 0)
+        if new:
+            if self.on_bad_rows != "skip":
+                num, text, got = new[0]
+                raise DataError(f"expected {self.n_names} columns, found {got}: {text[:120]!r}",
+                                path=str(self.path), line=num,
+                                hint="fix the row, check --format, or pass --on-bad-rows skip")
+            self.bad.add(len(new), [f"line {num}: expected {self.n_names} columns, found {got}"
+                                    for num, _, got in new])
+            self.bad_lines = np.sort(np.r_[self.bad_lines, np.array([t[0] for t in new], dtype=np.int64)])
+            self.reported = len(self.rows)
+        lines = np.arange(first + start_row, first + start_row + n, dtype=np.int64)
+        if self.bad_lines.size:
+            lines += np.searchsorted(self.bad_lines - np.arange(self.bad_lines.size), lines, side="right")
+        return lines
+
+
 def read_delimited(
     path: Path,
     names: list[str],
@@ -90,54 +141,45 @@ def read_delimited(
     Rows with the wrong column count raise (naming the line) or are skipped and counted. Columns are read
     as binary so that encoding errors are found per row afterwards instead of failing the whole read.
     """
-    invalid: list[tuple[int | None, str, int]] = []
-
-    def handler(row: pv.InvalidRow) -> str:
-        invalid.append((row.number, row.text, row.actual_columns))
-        return "skip"
-
-    def read(use_threads: bool) -> pa.Table:
+    def read(use_threads: bool) -> tuple[pa.Table, _InvalidRows]:
+        invalid = _InvalidRows(path, len(names), on_bad_rows, bad)
         try:
-            return pv.read_csv(
-                path,
-                read_options=pv.ReadOptions(
-                    column_names=names, skip_rows=1 if skip_header else 0, use_threads=use_threads,
-                    block_size=4 << 20,  # 2-4 MB blocks parse 2.5x faster than 16 MB (cache)
-                ),
-                parse_options=pv.ParseOptions(
-                    delimiter=delimiter, quote_char='"' if quote else False, invalid_row_handler=handler,
-                    ignore_empty_lines=False,
-                ),
-                convert_options=pv.ConvertOptions(
-                    column_types={n: pa.binary() for n in names}, strings_can_be_null=True, null_values=[""],
-                    quoted_strings_can_be_null=False,
-                ),
-            )
+            opts = _csv_options(names, delimiter, skip_header, quote, use_threads, invalid)
+            return pv.read_csv(path, **opts), invalid
         except (pa.ArrowInvalid, OSError, EOFError) as e:
             raise DataError(f"cannot parse file: {e}", path=str(path),
                             hint="check the format/--format and that the file is complete") from None
 
-    table = read(True)
-    if invalid and any(n is None for n, _, _ in invalid):
-        invalid.clear()  # the threaded reader does not know line numbers: re-read the (rare) bad file
-        table = read(False)
-    first = 2 if skip_header else 1
-    lines = np.arange(first, first + table.num_rows, dtype=np.int64)
-    if invalid:
-        bad_lines = np.array(sorted(n for n, _, _ in invalid), dtype=np.int64)
-        if on_bad_rows != "skip":
-            n, text, got = min(invalid, key=lambda t: t[0])
-            raise DataError(
-                f"expected {len(names)} columns, found {got}: {text[:120]!r}", path=str(path), line=n,
-                hint="fix the row, check --format, or pass --on-bad-rows skip",
-            )
-        # shift each row's line number past the skipped lines before it
-        lines = lines + np.searchsorted(bad_lines - np.arange(len(bad_lines)), lines, side="right")
-        bad.add(len(invalid), [f"line {n}: expected {len(names)} columns, found {got}"
-                               for n, _, got in sorted(invalid, key=lambda t: t[0])])
+    table, invalid = read(True)
+    if any(n is None for n, _, _ in invalid.rows):
+        table, invalid = read(False)  # the threaded reader does not know line numbers: re-read the (rare) bad file
+    lines = invalid.lines(2 if skip_header else 1, 0, table.num_rows)
     if table.num_rows == 0:
         raise DataError("no data rows", path=str(path), hint="the file is empty or holds only a header")
     return table, lines
+
+
+def iter_delimited(
+    path: Path, names: list[str], delimiter: str, skip_header: bool, on_bad_rows: str, bad: BadRows,
+    quote: bool = False, block_size: int = 16 << 20,
+) -> Iterator[tuple[pa.Table, np.ndarray]]:
+    """``read_delimited`` in blocks of about ``block_size`` bytes (bounded memory for any file size)."""
+    invalid = _InvalidRows(path, len(names), on_bad_rows, bad)
+    first, done = 2 if skip_header else 1, 0
+    try:
+        # single-threaded: the streaming parser only knows line numbers then (and is faster on 2 cores)
+        reader = pv.open_csv(path, **_csv_options(names, delimiter, skip_header, quote, False, invalid, block_size))
+        for batch in reader:
+            lines = invalid.lines(first, done, batch.num_rows)
+            done += batch.num_rows
+            if batch.num_rows:
+                yield pa.Table.from_batches([batch]), lines
+    except (pa.ArrowInvalid, OSError, EOFError) as e:
+        raise DataError(f"cannot parse file: {e}", path=str(path),
+                        hint="check the format/--format and that the file is complete") from None
+    invalid.lines(first, done, 0)
+    if done == 0:
+        raise DataError("no data rows", path=str(path), hint="the file is empty or holds only a header")
 
 
 def _bad_utf8_rows(arr: pa.Array) -> np.ndarray:
@@ -152,33 +194,25 @@ def _bad_utf8_rows(arr: pa.Array) -> np.ndarray:
     return np.concatenate([_bad_utf8_rows(arr.slice(0, mid)), mid + _bad_utf8_rows(arr.slice(mid))])
 
 
-def clean_ascii(path: str | Path) -> bool:
-    """True when an uncompressed file is pure ASCII with no NUL byte: then every field is valid UTF-8
-    and NUL-free, and the per-column checks can be skipped (one pass over the mapped file instead of 40
-    columnar passes). Compressed or unreadable files return False (the full checks run)."""
-    p = Path(path)
-    if p.suffix in (".gz", ".bz2", ".zst", ".lz4", ".zip") or not p.is_file():
+def clean_bytes(arr: pa.Array) -> bool:
+    """True when a binary/string column's bytes are pure ASCII with no NUL: then every value is valid
+    UTF-8 and NUL-free, and the slower per-row checks can be skipped (two reductions over the data buffer
+    instead of a cast and a substring search)."""
+    if not (pa.types.is_binary(arr.type) or pa.types.is_string(arr.type)) or len(arr) == 0:
         return False
-    try:
-        if p.stat().st_size == 0:
-            return True
-        with open(p, "rb") as fh, mmap.mmap(fh.fileno(), 0, access=mmap.ACCESS_READ) as mm:
-            if mm.find(b"\0") >= 0:
-                return False
-            data = np.frombuffer(mm, dtype=np.uint8)
-            ok = all(int(data[i: i + (64 << 20)].max()) < 128 for i in range(0, data.size, 64 << 20))
-            del data  # release the buffer before the map closes
-            return ok
-    except (OSError, ValueError):
-        return False
+    offsets = np.frombuffer(arr.buffers()[1], dtype=np.int32, count=len(arr) + 1, offset=arr.offset * 4)
+    data = arr.buffers()[2]
+    if data is None:
+        return True
+    b = np.frombuffer(data, dtype=np.uint8)[offsets[0]: offsets[-1]]
+    return b.size == 0 or (int(b.max()) < 128 and int(b.min()) > 0)
 
 
 class Validator:
     """Collects per-row problems found column by column, then raises or drops them all at once."""
 
-    def __init__(self, path: Path, lines: np.ndarray, on_bad_rows: str, bad: BadRows, scan: bool = True) -> None:
+    def __init__(self, path: Path | str, lines: np.ndarray, on_bad_rows: str, bad: BadRows) -> None:
         self.path, self.lines, self.on_bad_rows, self.bad = str(path), lines, on_bad_rows, bad
-        self.clean = scan and clean_ascii(path)  # ASCII, no NUL: skip the UTF-8 and NUL checks
         self.n = len(lines)
         self.keep = np.ones(self.n, dtype=bool)
         self.problems: list[tuple[int, str, str]] = []  # (row, field, message)
@@ -198,8 +232,8 @@ class Validator:
     def text(self, arr: pa.Array, name: str) -> pa.Array:
         """binary -> string, flagging invalid UTF-8 and NUL bytes."""
         arr = arr.combine_chunks() if isinstance(arr, pa.ChunkedArray) else arr
-        if self.clean and (pa.types.is_binary(arr.type) or pa.types.is_large_binary(arr.type)):
-            return arr.view(pa.string() if pa.types.is_binary(arr.type) else pa.large_string())
+        if clean_bytes(arr):
+            return arr.view(pa.string()) if pa.types.is_binary(arr.type) else arr
         if pa.types.is_binary(arr.type) or pa.types.is_large_binary(arr.type):
             bad_rows = _bad_utf8_rows(arr)
             if bad_rows.size:
@@ -299,7 +333,21 @@ def criteo_schema(min_count: int = 10, unlabeled: bool = False) -> Schema:
 CRITEO_NAMES = ["label"] + [f"I{i}" for i in range(1, 14)] + [f"C{i}" for i in range(1, 27)]
 
 
-def read_criteo(path: Path, schema: Schema | None, on_bad_rows: str, bad: BadRows) -> ReadResult:
+@dataclass
+class Plan:
+    """How to read one delimited file: its columns, delimiter and header, the schema, and ``typed``,
+    which turns a block of raw binary columns into validated ``(table, label)``. Used alike by ``read``
+    (whole file) and ``iter_read`` (blocks)."""
+
+    names: list[str]
+    delimiter: str
+    header: bool
+    schema: Schema
+    typed: Callable[[pa.Table, Validator], tuple[pa.Table, np.ndarray | None]]
+    quote: bool = False
+
+
+def plan_criteo(path: Path, schema: Schema | None) -> Plan:
     first = _first_line(path)
     delim = "\t" if "\t" in first else ","
     ncols = len(first.split(delim))
@@ -307,12 +355,10 @@ def read_criteo(path: Path, schema: Schema | None, on_bad_rows: str, bad: BadRow
     if ncols not in (39, 40):
         raise DataError(f"a Criteo row has 40 columns (label, I1-I13, C1-C26) or 39 without the label; "
                         f"found {ncols}", path=str(path), line=1, hint="check --format")
-    names = CRITEO_NAMES if ncols == 40 else CRITEO_NAMES[1:]
-    raw, lines = read_delimited(path, names, delim, header, on_bad_rows, bad)
     schema = schema or criteo_schema()
-    v = Validator(path, lines, on_bad_rows, bad)
-    table, label = typed_columns(raw, schema, v, "label" if ncols == 40 else None)
-    return ReadResult(table, label, schema, str(path), bad)
+    label = "label" if ncols == 40 else None
+    return Plan(CRITEO_NAMES if ncols == 40 else CRITEO_NAMES[1:], delim, header, schema,
+                lambda raw, v: typed_columns(raw, schema, v, label))
 
 
 AVAZU_NAMES = ["id", "click", "hour", "C1", "banner_pos", "site_id", "site_domain", "site_category",
@@ -326,7 +372,7 @@ def avazu_schema(min_count: int = 2) -> Schema:
     return Schema(fields=tuple(Field(n, "categorical", min_count=min_count) for n in names), label="click")
 
 
-def read_avazu(path: Path, schema: Schema | None, on_bad_rows: str, bad: BadRows) -> ReadResult:
+def plan_avazu(path: Path, schema: Schema | None) -> Plan:
     first = _first_line(path).split(",")
     header = first[0].strip() == "id"
     names = [c.strip() for c in first] if header else (AVAZU_NAMES if len(first) == 24 else
@@ -334,8 +380,11 @@ def read_avazu(path: Path, schema: Schema | None, on_bad_rows: str, bad: BadRows
     if not header and len(first) not in (23, 24):
         raise DataError(f"an Avazu row has 24 columns (23 without 'click'); found {len(first)}",
                         path=str(path), line=1, hint="check --format")
-    raw, lines = read_delimited(path, names, ",", header, on_bad_rows, bad)
-    v = Validator(path, lines, on_bad_rows, bad)
+    schema = schema or avazu_schema()
+    return Plan(names, ",", header, schema, lambda raw, v: _typed_avazu(raw, v, schema))
+
+
+def _typed_avazu(raw: pa.Table, v: Validator, schema: Schema) -> tuple[pa.Table, np.ndarray | None]:
     if "hour" in raw.column_names:
         hour = v.text(raw.column("hour").combine_chunks(), "hour")
         ok = pc.fill_null(pc.match_substring_regex(hour, r"^\d{8}$"), False).to_numpy(zero_copy_only=False)
@@ -345,9 +394,7 @@ def read_avazu(path: Path, schema: Schema | None, on_bad_rows: str, bad: BadRows
                           format="%Y%m%d", unit="s", error_is_null=True)
         raw = raw.append_column("hour_of_day", pc.utf8_slice_codeunits(hour, 6, 8))
         raw = raw.append_column("weekday", pc.cast(pc.day_of_week(day), pa.string()))
-    schema = schema or avazu_schema()
-    table, label = typed_columns(raw, schema, v, "click" if "click" in raw.column_names else None)
-    return ReadResult(table, label, schema, str(path), bad)
+    return typed_columns(raw, schema, v, "click" if "click" in raw.column_names else None)
 
 
 def libfm_schema(n_fields: int, min_count: int = 1, names: list[str] | None = None) -> Schema:
@@ -355,7 +402,7 @@ def libfm_schema(n_fields: int, min_count: int = 1, names: list[str] | None = No
     return Schema(fields=tuple(Field(n, "categorical", min_count=min_count) for n in names), label="label")
 
 
-def read_libfm(path: Path, schema: Schema | None, on_bad_rows: str, bad: BadRows) -> ReadResult:
+def plan_libfm(path: Path, schema: Schema | None) -> Plan:
     """libFM/libSVM lines ``label id:value ...`` with a fixed field order: field i is token i.
 
     The feature id is the field's categorical value. Values must be 1 (one-hot data, as in Frappe/NFM
@@ -366,11 +413,13 @@ def read_libfm(path: Path, schema: Schema | None, on_bad_rows: str, bad: BadRows
     if n_fields < 1:
         raise DataError("a libFM line is '<label> <id>:<value> ...'; found no features", path=str(path), line=1)
     names = ["label"] + [f"f{i}" for i in range(n_fields)]
-    raw, lines = read_delimited(path, names, " ", False, on_bad_rows, bad)
     schema = schema or libfm_schema(n_fields)
-    v = Validator(path, lines, on_bad_rows, bad)
+    return Plan(names, " ", False, schema, lambda raw, v: _typed_libfm(raw, v, schema))
+
+
+def _typed_libfm(raw: pa.Table, v: Validator, schema: Schema) -> tuple[pa.Table, np.ndarray | None]:
     cols = {"label": raw.column("label")}
-    for name in names[1:]:
+    for name in raw.column_names[1:]:
         tok = v.text(raw.column(name).combine_chunks(), name)
         parts = pc.split_pattern(tok, ":", max_splits=1)
         ok = pc.fill_null(pc.equal(pc.list_value_length(parts), 2), False).to_numpy(zero_copy_only=False)
@@ -380,8 +429,7 @@ def read_libfm(path: Path, schema: Schema | None, on_bad_rows: str, bad: BadRows
         v.flag(~ok, name, lambda r: "expected a token '<id>:<value>'")
         v.flag(ok & ~one, name, lambda r: "only one-hot libFM values (':1') are supported")
         cols[name] = pc.list_element(parts, 0)
-    table, label = typed_columns(pa.table(cols), schema, v, "label", negatives=(0.0, -1.0))
-    return ReadResult(table, label, schema, str(path), bad)
+    return typed_columns(pa.table(cols), schema, v, "label", negatives=(0.0, -1.0))
 
 
 def movielens_schema(min_count: int = 1) -> Schema:
@@ -435,27 +483,37 @@ def read_movielens(path: Path, schema: Schema | None, on_bad_rows: str, bad: Bad
     return ReadResult(out, label, schema, str(path), bad)
 
 
-def read_table_file(path: Path, schema: Schema | None, on_bad_rows: str, bad: BadRows, fmt: str) -> ReadResult:
-    """Generic CSV/TSV (with a header) or Parquet, described by a schema file."""
+def plan_table(path: Path, schema: Schema | None, fmt: str) -> Plan:
+    """Generic CSV/TSV with a header, described by a schema file."""
+    schema = _need_schema(path, schema, fmt)
+    delim = "\t" if fmt == "tsv" or path.name.endswith((".tsv", ".tsv.gz")) else ","
+    header = [h.strip() for h in _first_line(path).split(delim)]
+    negatives = (0.0, float(schema.negative_label))
+    return Plan(header, delim, True, schema, lambda raw, v: typed_columns(raw, schema, v, schema.label, negatives),
+                quote=True)
+
+
+def _need_schema(path: Path, schema: Schema | None, fmt: str) -> Schema:
     if schema is None:
         raise DataError(f"--format {fmt} needs a schema (--schema FILE); create one with "
                         "`deepfm schema infer DATA`", path=str(path))
-    if fmt == "parquet":
-        import pyarrow.parquet as pq
+    return schema
 
-        try:
-            pf = pq.ParquetFile(path)
-            wanted = [c for c in {*(f.source for f in schema.fields), schema.label} if c in pf.schema.names]
-            raw = pf.read(columns=wanted)
-        except (pa.ArrowInvalid, OSError) as e:
-            raise DataError(f"cannot read Parquet: {e}", path=str(path)) from None
-        lines = np.arange(1, raw.num_rows + 1)  # Parquet has rows, not lines: report the 1-based row
-        if raw.num_rows == 0:
-            raise DataError("no data rows", path=str(path))
-    else:
-        delim = "\t" if fmt == "tsv" or path.name.endswith((".tsv", ".tsv.gz")) else ","
-        header = [h.strip() for h in _first_line(path).split(delim)]
-        raw, lines = read_delimited(path, header, delim, True, on_bad_rows, bad, quote=True)
+
+def _parquet(path: Path, schema: Schema) -> tuple[Any, list[str]]:
+    import pyarrow.parquet as pq
+
+    try:
+        pf = pq.ParquetFile(path)
+    except (pa.ArrowInvalid, OSError) as e:
+        raise DataError(f"cannot read Parquet: {e}", path=str(path)) from None
+    present = pf.schema_arrow.names
+    return pf, [c for c in dict.fromkeys([*(f.source for f in schema.fields), schema.label]) if c in present]
+
+
+def _typed_parquet(raw: pa.Table, path: Path, schema: Schema, first_row: int, on_bad_rows: str,
+                   bad: BadRows) -> ReadResult:
+    lines = np.arange(first_row, first_row + raw.num_rows)  # Parquet has rows, not lines: the 1-based row
     v = Validator(path, lines, on_bad_rows, bad)
     table, label = typed_columns(raw, schema, v, schema.label, negatives=(0.0, float(schema.negative_label)))
     return ReadResult(table, label, schema, str(path), bad)
@@ -468,13 +526,7 @@ def default_schema(fmt: str) -> Schema | None:
     return {"criteo": criteo_schema, "avazu": avazu_schema, "movielens": movielens_schema}.get(fmt, lambda: None)()
 
 
-def read(
-    path: str | Path, fmt: str, schema: Schema | None = None, on_bad_rows: str = "error"
-) -> ReadResult:
-    """Read ``path`` in format ``fmt``. ``schema`` defaults to the format's own schema.
-
-    on_bad_rows: ``error`` (raise DataError at the first bad row) or ``skip`` (drop and count them).
-    """
+def _check(path: str | Path, fmt: str, on_bad_rows: str) -> Path:
     path = Path(path)
     if fmt not in FORMATS:
         raise DataError(f"unknown format {fmt!r} (expected one of {', '.join(FORMATS)})", path=str(path))
@@ -484,52 +536,112 @@ def read(
         raise DataError("no such file or folder", path=str(path))
     if fmt != "movielens" and path.is_dir():
         raise DataError("expected a file, got a folder", path=str(path))
-    bad = BadRows()
+    return path
+
+
+def plan(path: Path, fmt: str, schema: Schema | None) -> Plan:
+    """The reading plan of a delimited format (criteo, avazu, libfm, csv, tsv)."""
     if fmt == "criteo":
-        return read_criteo(path, schema, on_bad_rows, bad)
+        return plan_criteo(path, schema)
     if fmt == "avazu":
-        return read_avazu(path, schema, on_bad_rows, bad)
+        return plan_avazu(path, schema)
     if fmt == "libfm":
-        return read_libfm(path, schema, on_bad_rows, bad)
+        return plan_libfm(path, schema)
+    return plan_table(path, schema, fmt)
+
+
+def read(
+    path: str | Path, fmt: str, schema: Schema | None = None, on_bad_rows: str = "error"
+) -> ReadResult:
+    """Read ``path`` in format ``fmt``. ``schema`` defaults to the format's own schema.
+
+    on_bad_rows: ``error`` (raise DataError at the first bad row) or ``skip`` (drop and count them).
+    """
+    path = _check(path, fmt, on_bad_rows)
+    bad = BadRows()
     if fmt == "movielens":
         return read_movielens(path, schema, on_bad_rows, bad)
-    return read_table_file(path, schema, on_bad_rows, bad, fmt)
-
-
-def read_column(path: str | Path, fmt: str, name: str) -> pa.Array:
-    """One raw column as strings (e.g. an id to pass through scoring), row-aligned with ``read``."""
-    path = Path(path)
     if fmt == "parquet":
-        import pyarrow.parquet as pq
-
+        schema = _need_schema(path, schema, fmt)
+        pf, wanted = _parquet(path, schema)
         try:
-            return pc.cast(pq.read_table(path, columns=[name]).column(name), pa.string())
-        except (KeyError, pa.ArrowInvalid) as e:
-            raise DataError(f"no column {name!r}: {e}", path=str(path)) from None
-    first = _first_line(path)
-    if fmt == "criteo":
-        delim, header = ("\t" if "\t" in first else ","), first.startswith("label")
-        names = CRITEO_NAMES if len(first.split(delim)) == 40 else CRITEO_NAMES[1:]
-    elif fmt == "avazu":
-        delim, header = ",", first.startswith("id,")
-        names = [c.strip() for c in first.split(",")] if header else (
-            AVAZU_NAMES if len(first.split(",")) == 24 else [n for n in AVAZU_NAMES if n != "click"])
-    elif fmt in ("csv", "tsv"):
-        delim = "\t" if fmt == "tsv" else ","
-        header, names = True, [c.strip() for c in first.split(delim)]
-    else:
-        raise DataError(f"--id-column is not available for --format {fmt}", path=str(path))
-    if name not in names:
-        raise DataError(f"no column {name!r} (columns: {', '.join(names[:12])})", path=str(path))
-    raw, _ = read_delimited(path, names, delim, header, "error", BadRows(), quote=fmt in ("csv", "tsv"))
-    return pc.cast(raw.column(name), pa.string())
+            raw = pf.read(columns=wanted)
+        except (pa.ArrowInvalid, OSError) as e:
+            raise DataError(f"cannot read Parquet: {e}", path=str(path)) from None
+        if raw.num_rows == 0:
+            raise DataError("no data rows", path=str(path))
+        return _typed_parquet(raw, path, schema, 1, on_bad_rows, bad)
+    pl = plan(path, fmt, schema)
+    raw, lines = read_delimited(path, pl.names, pl.delimiter, pl.header, on_bad_rows, bad, quote=pl.quote)
+    table, label = pl.typed(raw, Validator(path, lines, on_bad_rows, bad))
+    return ReadResult(table, label, pl.schema, str(path), bad)
+
+
+def iter_read(
+    path: str | Path, fmt: str, schema: Schema | None = None, on_bad_rows: str = "error",
+    block_bytes: int = 16 << 20, block_rows: int = 131072, columns: list[str] | None = None,
+) -> Iterator[ReadResult]:
+    """``read`` in consecutive blocks (about ``block_bytes`` of text or ``block_rows`` Parquet rows), for
+    files larger than memory. Each block's ``skipped`` is the running total for the file; line numbers in
+    errors are the file's. ``columns``: raw columns to pass through in ``ReadResult.extra`` (e.g. an id).
+    movielens (a join of three files) is read whole, as one block."""
+    path = _check(path, fmt, on_bad_rows)
+    bad = BadRows()
+    columns = list(columns or [])
+    if fmt == "movielens":
+        if columns:
+            raise DataError("passthrough columns are not available for --format movielens", path=str(path))
+        yield read_movielens(path, schema, on_bad_rows, bad)
+        return
+    if fmt == "parquet":
+        schema = _need_schema(path, schema, fmt)
+        pf, wanted = _parquet(path, schema)
+        _require(path, columns, pf.schema_arrow.names)
+        done = 0
+        try:
+            for batch in pf.iter_batches(batch_size=block_rows, columns=list(dict.fromkeys(wanted + columns))):
+                raw = pa.Table.from_batches([batch])
+                res = _typed_parquet(raw.select(wanted), path, schema, done + 1, on_bad_rows, bad)
+                yield _with_extra(res, raw, columns, path)
+                done += raw.num_rows
+        except (pa.ArrowInvalid, OSError) as e:
+            raise DataError(f"cannot read Parquet: {e}", path=str(path)) from None
+        if done == 0:
+            raise DataError("no data rows", path=str(path))
+        return
+    pl = plan(path, fmt, schema)
+    _require(path, columns, pl.names)
+    for raw, lines in iter_delimited(path, pl.names, pl.delimiter, pl.header, on_bad_rows, bad, pl.quote,
+                                     block_bytes):
+        v = Validator(path, lines, on_bad_rows, bad)
+        table, label = pl.typed(raw, v)
+        res = ReadResult(table, label, pl.schema, str(path), bad)
+        for c in columns:  # rows dropped by the validator are dropped from the passthrough too
+            res.extra[c] = pc.cast(raw.column(c), pa.string()).filter(pa.array(v.keep))
+        yield res
+
+
+def _require(path: Path, columns: list[str], present: list[str]) -> None:
+    missing = [c for c in columns if c not in present]
+    if missing:
+        raise DataError(f"no column {missing[0]!r} (columns: {', '.join(present[:12])}"
+                        f"{'...' if len(present) > 12 else ''})", path=str(path))
+
+
+def _with_extra(res: ReadResult, raw: pa.Table, columns: list[str], path: Path) -> ReadResult:
+    if columns and res.rows != raw.num_rows:
+        raise DataError("passthrough columns cannot be combined with skipped bad rows in Parquet input",
+                        path=str(path), hint="fix the rows or drop --id-column")
+    for c in columns:
+        res.extra[c] = pc.cast(raw.column(c), pa.string()).combine_chunks()
+    return res
 
 
 def from_arrow(table: pa.Table, schema: Schema, label: np.ndarray | None = None,
                source: str = "<table>") -> ReadResult:
     """Validate an in-memory Arrow table (from pandas/Polars via the estimator) like a file."""
     bad = BadRows()
-    v = Validator(Path(source), np.arange(1, table.num_rows + 1), "error", bad, scan=False)
+    v = Validator(source, np.arange(1, table.num_rows + 1), "error", bad)
     out, lab = typed_columns(table, schema, v, None)
     if label is not None:
         y = np.asarray(label, dtype=np.float64).ravel()

@@ -1,0 +1,334 @@
+"""HTTP server (FastAPI on uvicorn): raw rows in, probabilities out, through the one Predictor.
+
+    POST /v1/predict     {"rows": [{field: raw value, ...}, ...]} -> {"probabilities": [...], "model": {...}}
+    GET  /healthz        liveness + the model being served
+    GET  /v1/metadata    schema, fields, training metrics, bundle format version
+    POST /admin/reload   load a bundle (the same folder, or {"bundle": PATH}) without dropping requests;
+                         404 unless an admin token is configured, 401 without the right bearer token
+    GET  /openapi.json, /docs
+
+Concurrent requests are micro-batched: each request is validated and encoded on arrival (a bad value is a
+422 naming the row and field), then a single worker thread runs the model on everything that queued up
+while the previous batch ran (no added wait when idle, bigger batches under load). Limits: rows per
+request (422), body bytes (413), queue wait + compute time (503). SIGHUP reloads the bundle too.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+import signal
+import time
+from collections.abc import Awaitable, Callable
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from deepfm import __version__
+from deepfm.errors import DeepFMError
+from deepfm.serve.predictor import Predictor
+from deepfm.serve.records import RecordError
+from deepfm.train.trainer import sigmoid
+
+log = logging.getLogger("deepfm.serve")
+
+
+@dataclass
+class ServeConfig:
+    bundle: str
+    max_rows: int = 1000  # rows per request
+    max_body_bytes: int = 4 << 20
+    max_batch_rows: int = 4096  # rows per model call when requests queue up
+    timeout_s: float = 10.0  # queue wait + compute per request, then 503
+    admin_token: str | None = None
+    threads: int = 0
+    engine: str = "torch"
+
+    @classmethod
+    def from_env(cls) -> ServeConfig:
+        """For ``uvicorn --factory`` worker processes: the settings travel as DEEPFM_SERVE_* variables."""
+        e = os.environ
+        return cls(bundle=e["DEEPFM_SERVE_BUNDLE"], max_rows=int(e.get("DEEPFM_SERVE_MAX_ROWS", 1000)),
+                   max_body_bytes=int(e.get("DEEPFM_SERVE_MAX_BODY_BYTES", 4 << 20)),
+                   timeout_s=float(e.get("DEEPFM_SERVE_TIMEOUT_S", 10.0)),
+                   admin_token=e.get("DEEPFM_ADMIN_TOKEN") or None, threads=int(e.get("DEEPFM_SERVE_THREADS", 0)),
+                   engine=e.get("DEEPFM_SERVE_ENGINE", "torch"))
+
+    def to_env(self) -> dict[str, str]:
+        env = {"DEEPFM_SERVE_BUNDLE": self.bundle, "DEEPFM_SERVE_MAX_ROWS": str(self.max_rows),
+               "DEEPFM_SERVE_MAX_BODY_BYTES": str(self.max_body_bytes), "DEEPFM_SERVE_TIMEOUT_S": str(self.timeout_s),
+               "DEEPFM_SERVE_THREADS": str(self.threads), "DEEPFM_SERVE_ENGINE": self.engine}
+        if self.admin_token:
+            env["DEEPFM_ADMIN_TOKEN"] = self.admin_token
+        return env
+
+
+@dataclass
+class _Job:
+    predictor: Predictor
+    idx: np.ndarray
+    val: np.ndarray
+    future: asyncio.Future = field(repr=False)
+
+
+class MicroBatcher:
+    """Queues encoded requests; one worker runs the model on all jobs queued for the same predictor."""
+
+    def __init__(self, max_batch_rows: int) -> None:
+        self.max_batch_rows = max_batch_rows
+        self.queue: asyncio.Queue[_Job] = asyncio.Queue()
+        self.pool = ThreadPoolExecutor(1, thread_name_prefix="deepfm-model")
+        self.task: asyncio.Task | None = None
+        self.batches = 0
+        self.rows = 0
+
+    def start(self) -> None:
+        self.task = asyncio.get_running_loop().create_task(self._run())
+
+    async def stop(self) -> None:
+        if self.task is not None:
+            self.task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self.task
+        self.pool.shutdown(wait=True)
+
+    async def submit(self, predictor: Predictor, idx: np.ndarray, val: np.ndarray) -> np.ndarray:
+        fut = asyncio.get_running_loop().create_future()
+        self.queue.put_nowait(_Job(predictor, idx, val, fut))
+        return await fut
+
+    async def _run(self) -> None:
+        loop = asyncio.get_running_loop()
+        while True:
+            jobs = [await self.queue.get()]
+            rows = jobs[0].idx.shape[0]
+            while rows < self.max_batch_rows and not self.queue.empty():
+                job = self.queue.get_nowait()
+                jobs.append(job)
+                rows += job.idx.shape[0]
+            jobs = [j for j in jobs if not j.future.done()]  # timed out / client gone
+            for pred in {id(j.predictor): j.predictor for j in jobs}.values():  # one batch per bundle
+                group = [j for j in jobs if j.predictor is pred]
+                try:
+                    idx = np.concatenate([j.idx for j in group]) if len(group) > 1 else group[0].idx
+                    val = np.concatenate([j.val for j in group]) if len(group) > 1 else group[0].val
+                    logits = await loop.run_in_executor(self.pool, pred.logits, idx, val)
+                except Exception as exc:  # a model failure fails these requests, not the server
+                    for j in group:
+                        if not j.future.done():
+                            j.future.set_exception(exc)
+                    continue
+                self.batches += 1
+                self.rows += idx.shape[0]
+                s = 0
+                for j in group:
+                    n = j.idx.shape[0]
+                    if not j.future.done():
+                        j.future.set_result(sigmoid(logits[s: s + n]))
+                    s += n
+
+
+class _BodyLimit:
+    """ASGI middleware: 413 when a request body exceeds ``limit`` bytes (declared or streamed)."""
+
+    def __init__(self, app: Callable, limit: int) -> None:
+        self.app, self.limit = app, limit
+
+    async def __call__(self, scope: dict, receive: Callable[[], Awaitable[dict]], send: Callable) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        length = dict(scope.get("headers") or []).get(b"content-length")
+        if length is not None and (not length.isdigit() or int(length) > self.limit):
+            await _plain(send, 413, f"request body over the limit of {self.limit} bytes")
+            return
+        seen = 0
+
+        async def limited() -> dict:
+            nonlocal seen
+            msg = await receive()
+            if msg["type"] == "http.request":
+                seen += len(msg.get("body", b""))
+                if seen > self.limit:
+                    raise _TooLarge()
+            return msg
+
+        try:
+            await self.app(scope, limited, send)
+        except _TooLarge:
+            await _plain(send, 413, f"request body over the limit of {self.limit} bytes")
+
+
+class _TooLarge(Exception):
+    pass
+
+
+async def _plain(send: Callable, status: int, detail: str) -> None:
+    import json
+
+    body = json.dumps({"detail": detail}).encode()
+    await send({"type": "http.response.start", "status": status,
+                "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]})
+    await send({"type": "http.response.body", "body": body})
+
+
+def create_app(cfg: ServeConfig, predictor: Predictor | None = None) -> Any:
+    """The FastAPI application for ``cfg`` (``predictor``: an already-loaded one, e.g. in tests)."""
+    from fastapi import Body, FastAPI, Header, HTTPException, Request
+    from fastapi.exceptions import RequestValidationError
+    from fastapi.responses import JSONResponse
+    from pydantic import BaseModel, ConfigDict, Field, StrictFloat, StrictInt, StrictStr
+
+    value = StrictStr | StrictInt | StrictFloat | list[StrictStr] | None
+
+    class PredictRequest(BaseModel):
+        model_config = ConfigDict(extra="forbid")
+        rows: list[dict[str, value]] = Field(min_length=1, max_length=cfg.max_rows,
+                                             description="Raw feature values, one object per row (as in the logs)")
+
+    class ModelInfo(BaseModel):
+        name: str
+        version: str
+
+    class PredictResponse(BaseModel):
+        probabilities: list[float]
+        model: ModelInfo
+
+    class ReloadRequest(BaseModel):
+        model_config = ConfigDict(extra="forbid")
+        bundle: str | None = Field(None, description="Bundle folder to load (default: the one being served)")
+
+    state: dict[str, Any] = {"predictor": predictor, "bundle": cfg.bundle, "loaded": time.time()}
+    batcher = MicroBatcher(cfg.max_batch_rows)
+    reload_lock = asyncio.Lock()
+
+    def load_predictor(path: str) -> Predictor:
+        p = Predictor(path, threads=cfg.threads, engine=cfg.engine)
+        p.records.warm()
+        p.logits(*p.records.encode(_example_rows(p)))  # the first (slow) call happens before any request
+        return p
+
+    async def reload(path: str) -> Predictor:
+        async with reload_lock:
+            p = await asyncio.get_running_loop().run_in_executor(None, load_predictor, path)
+            state.update(predictor=p, bundle=path, loaded=time.time())  # in-flight jobs keep their predictor
+            log.info("serving %s (%s)", path, p.model_info["version"])
+            return p
+
+    @contextlib.asynccontextmanager
+    async def lifespan(app: FastAPI):  # noqa: ANN202
+        if state["predictor"] is None:
+            state["predictor"] = await asyncio.get_running_loop().run_in_executor(None, load_predictor, cfg.bundle)
+        batcher.start()
+        loop = asyncio.get_running_loop()
+        with contextlib.suppress(NotImplementedError, RuntimeError, ValueError):  # not on Windows / main thread
+            loop.add_signal_handler(signal.SIGHUP, lambda: loop.create_task(_safe_reload(state["bundle"])))
+        yield
+        with contextlib.suppress(NotImplementedError, RuntimeError, ValueError):
+            loop.remove_signal_handler(signal.SIGHUP)
+        await batcher.stop()
+
+    async def _safe_reload(path: str) -> None:
+        try:
+            await reload(path)
+        except DeepFMError as exc:
+            log.error("reload failed, still serving the previous bundle: %s", exc)
+
+    app = FastAPI(title="deepfm", version=__version__, lifespan=lifespan,
+                  description="Click-through-rate prediction with DeepFM: raw feature values in, probabilities out.")
+
+    @app.exception_handler(RequestValidationError)
+    async def invalid(request: Request, exc: RequestValidationError) -> JSONResponse:
+        errors = [{"loc": list(e.get("loc", ())), "msg": e.get("msg", ""), "type": e.get("type", "")}
+                  for e in exc.errors()[:20]]
+        return JSONResponse({"detail": errors}, status_code=422)
+
+    @app.post("/v1/predict", response_model=PredictResponse,
+              responses={413: {"description": "Body too large"}, 503: {"description": "Overloaded or timed out"}})
+    async def predict(req: PredictRequest) -> Any:
+        pred: Predictor = state["predictor"]
+        try:
+            idx, val = pred.records.encode(req.rows)
+        except RecordError as e:
+            loc = ["body", "rows"] + ([e.row] if e.row is not None else []) + [e.field]
+            return JSONResponse({"detail": [{"loc": loc, "msg": e.message, "type": "value_error"}]}, status_code=422)
+        try:
+            p = await asyncio.wait_for(batcher.submit(pred, idx, val), cfg.timeout_s)
+        except asyncio.TimeoutError:
+            raise HTTPException(503, f"prediction took over {cfg.timeout_s} s; retry later") from None
+        return {"probabilities": p.tolist(), "model": pred.model_info}
+
+    @app.get("/healthz")
+    async def healthz() -> dict[str, Any]:
+        pred: Predictor = state["predictor"]
+        return {"status": "ok", "model": pred.model_info, "batches": batcher.batches, "rows": batcher.rows}
+
+    @app.get("/v1/metadata")
+    async def metadata() -> dict[str, Any]:
+        pred: Predictor = state["predictor"]
+        b = pred.bundle
+        return {"model": pred.model_info, "bundle": str(state["bundle"]), "loaded": state["loaded"],
+                "format": b.manifest.get("format"), "format_version": b.manifest.get("format_version"),
+                "deepfm_version": b.manifest.get("deepfm_version"), "created": b.manifest.get("created"),
+                "model_kind": b.model.cfg.model, "config": b.model.cfg.to_dict(),
+                "schema": pred.pre.schema.to_dict(), "inputs": sorted({f.source for f in pred.pre.schema.fields}),
+                "metrics": _finite(b.metrics), "limits": {"max_rows": cfg.max_rows,
+                                                          "max_body_bytes": cfg.max_body_bytes}}
+
+    @app.post("/admin/reload", responses={401: {"description": "Bad token"}, 404: {"description": "Disabled"}})
+    async def admin_reload(body: ReloadRequest | None = Body(None),
+                           authorization: str | None = Header(None)) -> dict[str, Any]:
+        if not cfg.admin_token:
+            raise HTTPException(404, "Not Found")
+        import hmac
+
+        if not authorization or not hmac.compare_digest(authorization, f"Bearer {cfg.admin_token}"):
+            raise HTTPException(401, "missing or wrong bearer token")
+        path = (body.bundle if body and body.bundle else None) or state["bundle"]
+        if not Path(path).is_dir():
+            raise HTTPException(422, f"{path}: no such bundle folder")
+        try:
+            p = await reload(path)
+        except DeepFMError as e:
+            raise HTTPException(422, f"reload failed, still serving the previous bundle: {e}") from None
+        return {"status": "reloaded", "model": p.model_info, "bundle": path}
+
+    return _BodyLimit(app, cfg.max_body_bytes) if cfg.max_body_bytes else app
+
+
+def _example_rows(p: Predictor) -> list[dict[str, Any]]:
+    return [{s: None for s in p.records.sources}]
+
+
+def _finite(obj: Any) -> Any:
+    if isinstance(obj, float):
+        return obj if np.isfinite(obj) else None
+    if isinstance(obj, dict):
+        return {k: _finite(v) for k, v in obj.items()}
+    if isinstance(obj, list):
+        return [_finite(v) for v in obj]
+    return obj
+
+
+def app_from_env() -> Any:
+    """``uvicorn --factory deepfm.serve.server:app_from_env`` (how ``deepfm serve --workers N`` starts each worker)."""
+    return create_app(ServeConfig.from_env())
+
+
+def serve(cfg: ServeConfig, host: str = "127.0.0.1", port: int = 8000, workers: int = 1,
+          log_level: str = "info") -> None:
+    """Run the server (blocking). More than one worker runs that many processes, each with the model."""
+    import uvicorn
+
+    common = dict(host=host, port=port, log_level=log_level, access_log=False, timeout_keep_alive=5,
+                  timeout_graceful_shutdown=10)
+    if workers > 1:
+        os.environ.update(cfg.to_env())
+        uvicorn.run("deepfm.serve.server:app_from_env", factory=True, workers=workers, **common)
+    else:
+        uvicorn.run(create_app(cfg), **common)
