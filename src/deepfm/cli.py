@@ -174,7 +174,7 @@ def evaluate(bundle, data, fmt, on_bad_rows, as_json) -> None:
 @click.option("--engine", type=click.Choice(["torch", "onnxruntime"]), default="torch", show_default=True,
               help="Run the model with torch, or export it to ONNX and run it with onnxruntime.")
 @click.option("--threads", type=int, default=0, help="Intra-op threads (default: the cores this process may use).")
-@click.option("--block-mb", type=int, default=16, show_default=True,
+@click.option("--block-mb", type=click.FloatRange(min=0.001), default=16, show_default=True,
               help="Rows are read, scored and written in blocks of about this much input text.")
 @click.option("--quiet", is_flag=True, help="No progress bar.")
 @friendly
@@ -199,7 +199,8 @@ def predict(bundle, data, out, fmt, id_column, on_bad_rows, engine, threads, blo
     n, skipped = 0, None
     bar = tqdm(unit=" rows", unit_scale=True, desc="scoring", disable=quiet, file=sys.stderr)
     try:
-        for p, block in pred.iter_file(data, fmt, on_bad_rows, columns=columns, block_bytes=block_mb << 20):
+        blocks = pred.iter_file(data, fmt, on_bad_rows, columns=columns, block_bytes=int(block_mb * (1 << 20)))
+        for p, block in blocks:
             cols: dict[str, Any] = {c: block.extra[c] for c in columns or []}
             cols["probability"] = pa.array(p)
             writer.write(pa.table(cols))

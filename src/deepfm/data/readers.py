@@ -617,7 +617,7 @@ def iter_read(
         table, label = pl.typed(raw, v)
         res = ReadResult(table, label, pl.schema, str(path), bad)
         for c in columns:  # rows dropped by the validator are dropped from the passthrough too
-            res.extra[c] = pc.cast(raw.column(c), pa.string()).filter(pa.array(v.keep))
+            res.extra[c] = pc.cast(raw.column(c).combine_chunks(), pa.string()).filter(pa.array(v.keep))
         yield res
 
 
