@@ -232,7 +232,7 @@ def server(trained):
     port = _free_port()
     env = {**os.environ, "DEEPFM_ADMIN_TOKEN": "s3cret"}
     proc = subprocess.Popen([sys.executable, "-m", "deepfm.cli", "serve", str(trained), "--port", str(port),
-                             "--max-rows", "50", "--max-body-mb", "0.05", "--log-level", "warning"],
+                             "--workers", "2", "--max-rows", "50", "--max-body-mb", "0.05", "--log-level", "warning"],
                             env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
     url = f"http://127.0.0.1:{port}"
     for _ in range(300):
@@ -314,7 +314,7 @@ def test_server_422_names_row_and_field(server, synth_small):
     assert status == 422 and body["detail"][0]["loc"] == ["body", "rows", "C9"]
 
 
-def test_server_limits_and_admin_reload(server, synth_small):
+def test_server_limits_and_admin_reload(server, trained, synth_small, tmp_path):
     status, body = _http(server + "/v1/predict", raw=b'{"rows": [' + b'{"C1": "x"},' * 5000 + b'{}]}')
     assert status == 413
     assert _http(server + "/admin/reload", {})[0] == 401
@@ -335,6 +335,21 @@ def test_server_limits_and_admin_reload(server, synth_small):
     t.join()
     assert status == 200 and body["status"] == "reloaded"
     assert results and set(results) == {200}  # no request dropped during the reload
+    # a new bundle folder, published to every worker (the server runs one per core)
+    import shutil
+
+    shutil.copytree(trained, tmp_path / "day2")
+    status, body = _http(server + "/admin/reload", {"bundle": str(tmp_path / "day2")},
+                         headers={"Authorization": "Bearer s3cret"})
+    assert status == 200
+    deadline, pids = time.time() + 10, {}
+    while time.time() < deadline:
+        h = _http(server + "/healthz")[1]
+        pids[h["pid"]] = h["bundle"]
+        if len(pids) >= 2 and all(b == str(tmp_path / "day2") for b in pids.values()):
+            break
+        time.sleep(0.05)
+    assert set(pids.values()) == {str(tmp_path / "day2")}, pids
     status, body = _http(server + "/admin/reload", {"bundle": "/no/such/bundle"},
                          headers={"Authorization": "Bearer s3cret"})
     assert status == 422

@@ -264,8 +264,9 @@ class _BlockWriter:
 @click.option("--host", default="127.0.0.1", show_default=True,
               help="Interface to bind; 127.0.0.1 serves this machine only (use 0.0.0.0 to expose it).")
 @click.option("--port", type=int, default=8000, show_default=True)
-@click.option("--workers", type=int, default=1, show_default=True, help="Server processes, each with the model.")
-@click.option("--threads", type=int, default=0, help="Intra-op threads per worker (default: the cores available).")
+@click.option("--workers", type=int, default=0,
+              help="Server processes, each with the model (default: one per available core, at most 4).")
+@click.option("--threads", type=int, default=0, help="Intra-op threads per worker (default: cores / workers).")
 @click.option("--engine", type=click.Choice(["torch", "onnxruntime"]), default="torch", show_default=True)
 @click.option("--max-rows", type=int, default=1000, show_default=True, help="Rows per request (more: 422).")
 @click.option("--max-body-mb", type=float, default=4.0, show_default=True, help="Request body limit (more: 413).")
@@ -290,9 +291,12 @@ def serve(bundle, host, port, workers, threads, engine, max_rows, max_body_mb, t
     from deepfm.serve.bundle import load
     from deepfm.serve.server import ServeConfig
     from deepfm.serve.server import serve as run_server
+    from deepfm.train.trainer import available_cores
 
-    if workers < 1 or max_rows < 1 or max_body_mb <= 0 or timeout_s <= 0:
-        raise DeepFMError("--workers, --max-rows, --max-body-mb and --timeout must be positive")
+    if workers < 0 or threads < 0 or max_rows < 1 or max_body_mb <= 0 or timeout_s <= 0:
+        raise DeepFMError("--workers, --threads, --max-rows, --max-body-mb and --timeout must be positive")
+    workers = workers or min(4, available_cores())
+    threads = threads or max(1, available_cores() // workers)
     load(bundle)  # fail here, with a clear message, rather than in every worker
     cfg = ServeConfig(bundle=str(Path(bundle).resolve()), max_rows=max_rows,
                       max_body_bytes=int(max_body_mb * (1 << 20)), timeout_s=timeout_s,
@@ -300,6 +304,31 @@ def serve(bundle, host, port, workers, threads, engine, max_rows, max_body_mb, t
     click.echo(f"serving {bundle} on http://{host}:{port} ({workers} worker(s), engine {engine}); "
                f"admin reload {'on' if admin_token else 'off'}", err=True)
     run_server(cfg, host=host, port=port, workers=workers, log_level=log_level)
+
+
+@main.command()
+@click.argument("bundle", type=click.Path(exists=True, file_okay=False))
+@click.argument("data", type=click.Path(exists=True))
+@click.option("--rows", "n_rows", type=int, default=1, show_default=True)
+@click.option("--format", "fmt", type=click.Choice(FORMATS), help="Default: the format the bundle was trained on.")
+@friendly
+def request(bundle, data, n_rows, fmt) -> None:
+    """Print a POST /v1/predict body made of the first rows of DATA (the raw values the model reads).
+
+    \b
+    Example:
+      deepfm request runs/criteo test.txt --rows 2 > req.json
+      curl -s localhost:8000/v1/predict -H 'content-type: application/json' -d @req.json
+    """
+    from deepfm.data import readers
+    from deepfm.serve.bundle import load
+
+    b = load(bundle)
+    fmt = fmt or b.data_format
+    if fmt is None:
+        raise DeepFMError("the bundle records no data format; pass --format")
+    block = next(readers.iter_read(data, fmt, b.preprocessor.schema, block_bytes=1 << 20))
+    click.echo(json.dumps({"rows": _jsonable(block.table.slice(0, n_rows).to_pylist())}))
 
 
 @main.command()

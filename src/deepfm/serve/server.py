@@ -48,6 +48,7 @@ class ServeConfig:
     admin_token: str | None = None
     threads: int = 0
     engine: str = "torch"
+    control: str | None = None  # multi-worker: a JSON file {"bundle", "generation"} every worker follows
 
     @classmethod
     def from_env(cls) -> "ServeConfig":
@@ -57,7 +58,7 @@ class ServeConfig:
                    max_body_bytes=int(e.get("DEEPFM_SERVE_MAX_BODY_BYTES", 4 << 20)),
                    timeout_s=float(e.get("DEEPFM_SERVE_TIMEOUT_S", 10.0)),
                    admin_token=e.get("DEEPFM_ADMIN_TOKEN") or None, threads=int(e.get("DEEPFM_SERVE_THREADS", 0)),
-                   engine=e.get("DEEPFM_SERVE_ENGINE", "torch"))
+                   engine=e.get("DEEPFM_SERVE_ENGINE", "torch"), control=e.get("DEEPFM_SERVE_CONTROL") or None)
 
     def to_env(self) -> dict[str, str]:
         env = {"DEEPFM_SERVE_BUNDLE": self.bundle, "DEEPFM_SERVE_MAX_ROWS": str(self.max_rows),
@@ -65,7 +66,25 @@ class ServeConfig:
                "DEEPFM_SERVE_THREADS": str(self.threads), "DEEPFM_SERVE_ENGINE": self.engine}
         if self.admin_token:
             env["DEEPFM_ADMIN_TOKEN"] = self.admin_token
+        if self.control:
+            env["DEEPFM_SERVE_CONTROL"] = self.control
         return env
+
+
+def read_control(path: str) -> dict[str, Any]:
+    try:
+        with open(path) as fh:
+            return json.load(fh)
+    except (OSError, ValueError):
+        return {}
+
+
+def write_control(path: str, bundle: str, generation: int) -> None:
+    """Atomically publish the bundle every worker should serve (write a temporary file, then rename)."""
+    tmp = f"{path}.{os.getpid()}.tmp"
+    with open(tmp, "w") as fh:
+        json.dump({"bundle": bundle, "generation": generation}, fh)
+    os.replace(tmp, path)
 
 
 @dataclass
@@ -224,7 +243,9 @@ def create_app(cfg: ServeConfig, predictor: Predictor | None = None) -> Any:
         model_config = ConfigDict(extra="forbid")
         bundle: str | None = Field(None, description="Bundle folder to load (default: the one being served)")
 
-    state: dict[str, Any] = {"predictor": predictor, "bundle": cfg.bundle, "loaded": time.time()}
+    control = read_control(cfg.control) if cfg.control else {}
+    state: dict[str, Any] = {"predictor": predictor, "bundle": control.get("bundle", cfg.bundle),
+                             "loaded": time.time(), "generation": control.get("generation", 0)}
     batcher = MicroBatcher(cfg.max_batch_rows)
     reload_lock = asyncio.Lock()
 
@@ -234,29 +255,51 @@ def create_app(cfg: ServeConfig, predictor: Predictor | None = None) -> Any:
         p.logits(*p.records.encode(_example_rows(p)))  # the first (slow) call happens before any request
         return p
 
-    async def reload(path: str) -> Predictor:
+    async def reload(path: str, generation: int | None = None) -> Predictor:
+        """Load ``path`` and swap it in; in-flight jobs keep the predictor they were encoded for. With several
+        workers, a reload asked of this one (generation None) is published in the control file for the others."""
         async with reload_lock:
             p = await asyncio.get_running_loop().run_in_executor(None, load_predictor, path)
-            state.update(predictor=p, bundle=path, loaded=time.time())  # in-flight jobs keep their predictor
+            gen = state["generation"] + 1 if generation is None else generation
+            state.update(predictor=p, bundle=path, loaded=time.time(), generation=gen)
+            if cfg.control and generation is None:
+                write_control(cfg.control, path, gen)
             log.info("serving %s (%s)", path, p.model_info["version"])
             return p
+
+    async def follow_control() -> None:
+        """Other workers' reloads: poll the control file (a stat every half second)."""
+        seen = None
+        while True:
+            await asyncio.sleep(0.5)
+            with contextlib.suppress(OSError):
+                mtime = os.stat(cfg.control).st_mtime_ns
+                if mtime != seen:
+                    seen = mtime
+                    c = read_control(cfg.control)
+                    if c.get("generation", 0) > state["generation"]:
+                        await _safe_reload(c["bundle"], c["generation"])
 
     @contextlib.asynccontextmanager
     async def lifespan(app: FastAPI):  # noqa: ANN202
         if state["predictor"] is None:
-            state["predictor"] = await asyncio.get_running_loop().run_in_executor(None, load_predictor, cfg.bundle)
+            state["predictor"] = await asyncio.get_running_loop().run_in_executor(None, load_predictor,
+                                                                                  state["bundle"])
         batcher.start()
         loop = asyncio.get_running_loop()
+        follower = loop.create_task(follow_control()) if cfg.control else None
         with contextlib.suppress(NotImplementedError, RuntimeError, ValueError):  # not on Windows / main thread
             loop.add_signal_handler(signal.SIGHUP, lambda: loop.create_task(_safe_reload(state["bundle"])))
         yield
         with contextlib.suppress(NotImplementedError, RuntimeError, ValueError):
             loop.remove_signal_handler(signal.SIGHUP)
+        if follower is not None:
+            follower.cancel()
         await batcher.stop()
 
-    async def _safe_reload(path: str) -> None:
+    async def _safe_reload(path: str, generation: int | None = None) -> None:
         try:
-            await reload(path)
+            await reload(path, generation)
         except DeepFMError as exc:
             log.error("reload failed, still serving the previous bundle: %s", exc)
 
@@ -313,7 +356,9 @@ def create_app(cfg: ServeConfig, predictor: Predictor | None = None) -> Any:
     @app.get("/healthz")
     async def healthz() -> dict[str, Any]:
         pred: Predictor = state["predictor"]
-        return {"status": "ok", "model": pred.model_info, "batches": batcher.batches, "rows": batcher.rows}
+        return {"status": "ok", "model": pred.model_info, "bundle": str(state["bundle"]),
+                "generation": state["generation"], "pid": os.getpid(), "batches": batcher.batches,
+                "rows": batcher.rows}
 
     @app.get("/v1/metadata")
     async def metadata() -> dict[str, Any]:
@@ -375,7 +420,14 @@ def serve(cfg: ServeConfig, host: str = "127.0.0.1", port: int = 8000, workers: 
     common = dict(host=host, port=port, log_level=log_level, access_log=False, timeout_keep_alive=5,
                   timeout_graceful_shutdown=10)
     if workers > 1:
+        import tempfile
+
+        control = Path(tempfile.mkdtemp(prefix="deepfm-serve-")) / "control.json"
+        write_control(str(control), cfg.bundle, 0)
+        cfg = ServeConfig(**{**cfg.__dict__, "control": str(control)})
         os.environ.update(cfg.to_env())
+        for var in ("OPENBLAS_NUM_THREADS", "OMP_NUM_THREADS", "MKL_NUM_THREADS"):  # read when a worker starts
+            os.environ.setdefault(var, str(max(1, cfg.threads)))
         uvicorn.run("deepfm.serve.server:app_from_env", factory=True, workers=workers, **common)
     else:
         uvicorn.run(create_app(cfg), **common)
