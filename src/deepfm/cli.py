@@ -91,11 +91,15 @@ def main() -> None:
 @click.option("--on-bad-rows", type=click.Choice(["error", "skip"]), default="error", show_default=True)
 @click.option("--cache-dir", type=click.Path(), help="Encoded-store cache (default ~/.cache/deepfm, $DEEPFM_CACHE).")
 @click.option("--no-cache", is_flag=True, help="Do not read or write the encoded-store cache.")
+@click.option("--checkpoint-every", type=click.IntRange(min=0),
+              help="Steps between checkpoints in OUT/checkpoints (default 1000; 0: epoch ends only).")
+@click.option("--resume", is_flag=True, help="Continue from the newest checkpoint in --out (rerun the same command "
+                                             "with --resume added); starts over when there is none.")
 @click.option("--quiet", is_flag=True, help="No progress bars.")
 @friendly
 def train(fmt, train_path, valid_path, valid_fraction, test_path, schema_path, out, model, preset, overrides,
           epochs, batch_size, lr, seed, threads, embedding_update, precision, min_count, on_bad_rows, cache_dir,
-          no_cache, quiet) -> None:
+          no_cache, checkpoint_every, resume, quiet) -> None:
     """Train a model and write a bundle.
 
     \b
@@ -115,14 +119,15 @@ def train(fmt, train_path, valid_path, valid_fraction, test_path, schema_path, o
         batch_size = int(batch_size)
     model_cfg, train_cfg = pipeline.resolve_config(preset, list(overrides), model=model, epochs=epochs,
                                                    batch_size=batch_size, lr=lr, seed=seed, threads=threads,
-                                                   embedding_update=embedding_update, precision=precision)
+                                                   embedding_update=embedding_update, precision=precision,
+                                                   checkpoint_every=checkpoint_every)
     prep = pipeline.prepare(train_path, fmt, _schema(schema_path, fmt, min_count), valid_path, valid_fraction,
                             train_cfg.seed, on_bad_rows, cache_dir, not no_cache)
     pipeline.log(f"{prep.info['rows']:,} rows, {len(prep.fields)} fields, {prep.info['vocab_rows']:,} "
                  f"embedding rows; model {model_cfg.model}, preset {preset}")
     test = pipeline.encode_file(test_path, fmt, prep.pre, on_bad_rows) if test_path else None
     _, result = pipeline.train(prep, model_cfg, train_cfg, out, fmt, test, progress=not quiet,
-                               extra_info={"preset": preset, "overrides": list(overrides)})
+                               extra_info={"preset": preset, "overrides": list(overrides)}, resume=resume)
     for split, m in result["metrics"].items():
         click.echo(f"{split}: AUC {m['auc']:.4f}  logloss {m['logloss']:.4f}  calibration "
                    f"{m['calibration']:.3f}  rows {m['rows']:,}")

@@ -3,6 +3,7 @@ store -> train -> evaluate -> save the bundle. Used by the CLI and the estimator
 
 from __future__ import annotations
 
+import hashlib
 import json
 import shutil
 import sys
@@ -30,6 +31,7 @@ from deepfm.errors import DataError, DeepFMError
 from deepfm.models.ctr import CTRModel, ModelConfig, build_model
 from deepfm.schema import Schema
 from deepfm.serve import bundle as bundle_mod
+from deepfm.train.checkpoint import Checkpointer, disk_error, fingerprint
 from deepfm.train.metrics import evaluate
 from deepfm.train.trainer import TrainConfig, fit, predict_logits, seed_everything, sigmoid
 
@@ -184,17 +186,28 @@ def train(
     test: Encoded | None = None,
     progress: bool = True,
     extra_info: dict[str, Any] | None = None,
+    resume: bool = False,
 ) -> tuple[CTRModel, dict[str, Any]]:
-    """Train on prepared data; with ``out_dir``, write metrics.jsonl and the bundle there."""
+    """Train on prepared data; with ``out_dir``, write checkpoints (``out_dir/checkpoints``), metrics.jsonl
+    and the bundle there. resume: continue from the newest checkpoint in ``out_dir`` (see train.checkpoint)."""
     seed_everything(train_cfg.seed)
     fields = prepared.fields
     model = build_model(fields, model_cfg)
     out = Path(out_dir) if out_dir else None
-    log_path = None
+    log_path, checkpoints = None, None
     if out is not None:
         out.parent.mkdir(parents=True, exist_ok=True)
         log_path = out.parent / f"{out.name}.metrics.jsonl"
-        log_path.unlink(missing_ok=True)
+        # what a checkpoint may be resumed into: the same model, optimisation and data (not: threads, epochs)
+        same = {k: v for k, v in train_cfg.to_dict().items()
+                if k not in ("epochs", "threads", "prefetch", "checkpoint_every", "keep_checkpoints")}
+        rows = prepared.train_rows
+        checkpoints = Checkpointer(out / "checkpoints", fingerprint(
+            model_cfg.to_dict(), same, prepared.pre.fingerprint(), prepared.train.rows,
+            None if rows is None else hashlib.sha256(np.ascontiguousarray(rows).tobytes()).hexdigest()),
+            every=train_cfg.checkpoint_every, keep=train_cfg.keep_checkpoints)
+    elif resume:
+        raise DeepFMError("resume needs the output folder of the run (--out DIR)")
 
     def on_epoch(rec: dict[str, Any]) -> None:
         if progress:
@@ -207,7 +220,7 @@ def train(
     t0 = time.perf_counter()
     history = fit(model, Batcher(prepared.train, fields), train_cfg, prepared.train_rows,
                   Batcher(prepared.valid, fields) if prepared.valid is not None else None,
-                  prepared.valid_rows, log_path, progress, on_epoch)
+                  prepared.valid_rows, log_path, progress, on_epoch, checkpoints, resume)
     metrics: dict[str, Any] = {}
     if prepared.valid is not None:
         metrics["valid"] = score(model, prepared.valid, fields, prepared.valid_rows)
@@ -218,8 +231,11 @@ def train(
         "data": {**prepared.info, **(extra_info or {})}, "train_seconds": time.perf_counter() - t0,
         "best_epoch": history[-1].get("best_epoch") if history else None,
     }
-    if out is not None:
-        bundle_mod.save(out, model, prepared.pre, data_format, training, metrics)
+    if out is not None:  # replaces the folder, checkpoints included: the run is complete
+        try:
+            bundle_mod.save(out, model, prepared.pre, data_format, training, metrics)
+        except OSError as e:
+            raise disk_error(e, "the bundle", out) from None
         if log_path is not None and log_path.exists():
             shutil.move(str(log_path), str(out / "metrics.jsonl"))  # not checksummed: an appendable log
     return model, {"metrics": metrics, "training": training}

@@ -24,6 +24,7 @@ from tqdm.auto import tqdm
 
 from deepfm.data.store import Batcher
 from deepfm.models.ctr import CTRModel
+from deepfm.train.checkpoint import Checkpointer, Position
 from deepfm.train.metrics import evaluate
 from deepfm.train.sparse import SparseEmbeddings
 
@@ -44,6 +45,8 @@ class TrainConfig:
     embedding_update: str = "dense"
     precision: str = "fp32"  # "fp32", or "bf16" (autocast of the MLP; fast only on CPUs with AVX512-BF16/AMX)
     prefetch: bool | str = "auto"  # build the next batches in a background thread; "auto": when a core is free
+    checkpoint_every: int = 1000  # steps between checkpoints (0: epoch ends only), when training writes a bundle
+    keep_checkpoints: int = 2  # the newest K are kept until the bundle is written
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> TrainConfig:
@@ -58,6 +61,8 @@ class TrainConfig:
             raise ValueError(f"embedding_update must be 'dense', 'sparse' or 'auto', got {cfg.embedding_update!r}")
         if cfg.prefetch not in (True, False, "auto"):
             raise ValueError(f"prefetch must be true, false or 'auto', got {cfg.prefetch!r}")
+        if cfg.checkpoint_every < 0 or cfg.keep_checkpoints < 1:
+            raise ValueError("checkpoint_every must be >= 0 and keep_checkpoints >= 1")
         if cfg.precision not in ("fp32", "bf16"):
             raise ValueError(f"precision must be 'fp32' or 'bf16', got {cfg.precision!r}")
         return cfg
@@ -73,6 +78,10 @@ def resolve_batch_size(batch_size: int | str, rows: int) -> int:
     if not isinstance(batch_size, int) or batch_size < 1:
         raise ValueError(f"batch_size must be a positive integer or 'auto', got {batch_size!r}")
     return batch_size
+
+
+def _log(msg: str) -> None:
+    tqdm.write(f"[deepfm] {msg}", file=sys.stderr)
 
 
 def seed_everything(seed: int) -> None:
@@ -120,17 +129,18 @@ def autocast(precision: str) -> contextlib.AbstractContextManager:
 
 
 class Prefetcher:
-    """Runs ``make(step)`` for steps 0..n-1 in a background thread, ``depth`` batches ahead. The work is
+    """Runs ``make(step)`` for steps start..n-1 in a background thread, ``depth`` batches ahead. The work is
     numpy slicing (which releases the GIL), so it overlaps the model's compute instead of adding to it."""
 
-    def __init__(self, make: Callable[[int], Any], n: int, depth: int = 3, threaded: bool = True) -> None:
-        self.make, self.n, self.threaded = make, n, threaded
+    def __init__(self, make: Callable[[int], Any], n: int, depth: int = 3, threaded: bool = True,
+                 start: int = 0) -> None:
+        self.make, self.n, self.threaded, self.start = make, n, threaded, start
         self.q: queue.Queue = queue.Queue(maxsize=depth)
         self.stop = threading.Event()
 
     def _run(self) -> None:
         try:
-            for step in range(self.n):
+            for step in range(self.start, self.n):
                 item = (True, self.make(step))
                 while not self.stop.is_set():
                     try:
@@ -145,13 +155,13 @@ class Prefetcher:
 
     def __iter__(self) -> Iterator[Any]:
         if not self.threaded:
-            for step in range(self.n):
+            for step in range(self.start, self.n):
                 yield self.make(step)
             return
         t = threading.Thread(target=self._run, daemon=True, name="deepfm-prefetch")
         t.start()
         try:
-            for _ in range(self.n):
+            for _ in range(self.start, self.n):
                 ok, item = self.q.get()
                 if not ok:
                     raise item
@@ -201,9 +211,14 @@ def fit(
     log_path: Path | None = None,
     progress: bool = True,
     on_epoch: Callable[[dict[str, Any]], None] | None = None,
+    checkpoints: Checkpointer | None = None,
+    resume: bool = False,
 ) -> list[dict[str, Any]]:
     """Train ``model`` in place; returns the per-epoch history. With a validation set, keeps the weights
-    of the epoch with the best monitored validation metric (``cfg.monitor``)."""
+    of the epoch with the best monitored validation metric (``cfg.monitor``).
+
+    checkpoints: write a checkpoint every ``checkpoints.every`` steps and at every epoch end; resume: first
+    continue from the newest valid checkpoint there (a resumed run ends bit-identical on CPU)."""
     threads = set_threads(cfg.threads)
     tune_allocator()
     # a loader thread only helps with a spare core: on a full machine it preempts the compute threads
@@ -223,16 +238,36 @@ def fit(
                            foreach=True)
     loss_fn = torch.nn.BCEWithLogitsLoss()
     rng = np.random.default_rng(cfg.seed)
-    history: list[dict[str, Any]] = []
-    best, best_state, bad_epochs, reduced = -math.inf, None, 0, False
+    pos, best_state = Position(), None
+    if resume and checkpoints is not None:
+        found = checkpoints.latest(warn=_log)
+        if found is None:
+            _log(f"no checkpoint in {checkpoints.dir}: starting from the beginning")
+        else:
+            pos, best_state = checkpoints.restore(*found, model, opt, sparse, rng)
+            _log(f"resuming from {found[0].name}: epoch {pos.epoch}, step {pos.step}")
+    if log_path is not None:  # the log holds exactly the epochs of the history (a resumed run rewrites it)
+        log_path.write_text("".join(json.dumps(r) + "\n" for r in pos.history))
     batch_size = resolve_batch_size(cfg.batch_size, rows.size)
     steps_per_epoch = math.ceil(rows.size / batch_size)
-    for epoch in range(1, cfg.epochs + 1):
+    every = checkpoints.every if checkpoints is not None else 0
+
+    def save() -> None:
+        if checkpoints is not None:
+            checkpoints.save(model, opt, sparse, best_state, rng, pos)
+
+    while not pos.done and pos.epoch <= cfg.epochs:
+        epoch = pos.epoch
         model.train()
+        if pos.step == 0:
+            pos.epoch_rng = copy.deepcopy(rng.bit_generator.state)
+        else:  # resumed inside the epoch: draw its permutation again from the state before it
+            rng.bit_generator.state = pos.epoch_rng
         perm = rows[rng.permutation(rows.size)]
-        t0, loss_sum, seen = time.perf_counter(), 0.0, 0
+        t0 = time.perf_counter()
         bar = tqdm(total=rows.size, desc=f"epoch {epoch}/{cfg.epochs}", unit="row", unit_scale=True,
                    disable=not progress, leave=False, mininterval=0.5)
+        bar.update(min(rows.size, pos.step * batch_size))
 
         def make(step: int, perm: np.ndarray = perm) -> tuple:
             sel = np.sort(perm[step * batch_size: (step + 1) * batch_size])  # sorted: mmap locality
@@ -242,29 +277,36 @@ def fit(
             return idx, val, y, (sparse.prepare(idx) if sparse else None)
 
         model.clear_premade()
-
-        for step, (idx, val, y, rows_inv) in enumerate(Prefetcher(make, steps_per_epoch, threaded=prefetch)):
-            if sparse:
-                sparse.begin(*rows_inv)
-            with autocast(cfg.precision):
-                logit = model(idx, val).float()
-            loss = loss_fn(logit, y)
-            total = loss + emb_l2 * model.embedding_penalty(idx) if emb_l2 > 0 else loss
-            opt.zero_grad(set_to_none=True)
-            total.backward()
-            opt.step()
-            if sparse:
-                sparse.step()
-            loss_sum += loss.item() * len(y)
-            seen += len(y)
-            if progress and (step % 20 == 0 or step == steps_per_epoch - 1):
-                bar.update(seen - bar.n)
-                bar.set_postfix(loss=f"{loss_sum / seen:.4f}")
+        while pos.step < steps_per_epoch:
+            # up to the next checkpoint: the loader thread stops there, so no dropout mask is drawn ahead
+            end = steps_per_epoch if not every else min(steps_per_epoch, pos.step + every - pos.global_step % every)
+            for idx, val, y, rows_inv in Prefetcher(make, end, threaded=prefetch, start=pos.step):
+                if sparse:
+                    sparse.begin(*rows_inv)
+                with autocast(cfg.precision):
+                    logit = model(idx, val).float()
+                loss = loss_fn(logit, y)
+                total = loss + emb_l2 * model.embedding_penalty(idx) if emb_l2 > 0 else loss
+                opt.zero_grad(set_to_none=True)
+                total.backward()
+                opt.step()
+                if sparse:
+                    sparse.step()
+                pos.loss_sum += loss.item() * len(y)
+                pos.seen += len(y)
+                pos.step += 1
+                pos.global_step += 1
+                if progress and (pos.step % 20 == 0 or pos.step == steps_per_epoch):
+                    bar.update(min(rows.size, pos.step * batch_size) - bar.n)
+                    bar.set_postfix(loss=f"{pos.loss_sum / pos.seen:.4f}")
+            if every and pos.step < steps_per_epoch and pos.global_step % every == 0:
+                save()
         bar.close()
         train_time = time.perf_counter() - t0
-        rec: dict[str, Any] = {"epoch": epoch, "train_logloss": loss_sum / seen, "train_seconds": train_time,
-                               "train_rows_per_s": seen / train_time, "lr": opt.param_groups[0]["lr"],
-                               "batch_size": batch_size}
+        rec: dict[str, Any] = {"epoch": epoch, "train_logloss": pos.loss_sum / pos.seen,
+                               "train_seconds": train_time, "train_rows_per_s": pos.seen / train_time,
+                               "lr": opt.param_groups[0]["lr"], "batch_size": batch_size}
+        stop = False
         if valid is not None:
             vrows = valid_rows if valid_rows is not None else None
             logits = predict_logits(model, valid, vrows, cfg.eval_batch_size)
@@ -272,29 +314,32 @@ def fit(
             m = evaluate(np.asarray(y_valid), sigmoid(logits))
             rec.update({f"valid_{k}": v for k, v in m.items()})
             value = m["auc"] - (m["logloss"] if cfg.monitor == "auc-logloss" else 0.0)
-            improved = value > best + 1e-6
+            improved = value > pos.best + 1e-6
             if improved:
-                best, bad_epochs = value, 0
+                pos.best, pos.bad_epochs = value, 0
                 best_state = copy.deepcopy(model.state_dict())
             else:
-                bad_epochs += 1
-            rec["best_epoch"] = epoch if improved else history[-1]["best_epoch"]
-        history.append(rec)
+                pos.bad_epochs += 1
+            rec["best_epoch"] = epoch if improved else pos.history[-1]["best_epoch"]
+            if pos.bad_epochs >= cfg.patience:
+                if cfg.reduce_lr_on_plateau and not pos.reduced:
+                    pos.reduced, pos.bad_epochs = True, 0
+                    model.load_state_dict(best_state)
+                    for g in opt.param_groups:
+                        g["lr"] *= 0.1
+                    if sparse:
+                        sparse.lr *= 0.1
+                else:
+                    stop = True
+        pos.history.append(rec)
         if log_path is not None:
             with open(log_path, "a") as fh:
                 fh.write(json.dumps(rec) + "\n")
         if on_epoch:
             on_epoch(rec)
-        if valid is not None and bad_epochs >= cfg.patience:
-            if cfg.reduce_lr_on_plateau and not reduced:
-                reduced, bad_epochs = True, 0
-                model.load_state_dict(best_state)
-                for g in opt.param_groups:
-                    g["lr"] *= 0.1
-                if sparse:
-                    sparse.lr *= 0.1
-                continue
-            break
+        pos.epoch, pos.step, pos.loss_sum, pos.seen, pos.done = epoch + 1, 0, 0.0, 0, stop or epoch >= cfg.epochs
+        save()
+    history = pos.history
     if best_state is not None:
         model.load_state_dict(best_state)
     return history
