@@ -91,6 +91,11 @@ def main() -> None:
 @click.option("--on-bad-rows", type=click.Choice(["error", "skip"]), default="error", show_default=True)
 @click.option("--cache-dir", type=click.Path(), help="Encoded-store cache (default ~/.cache/deepfm, $DEEPFM_CACHE).")
 @click.option("--no-cache", is_flag=True, help="Do not read or write the encoded-store cache.")
+@click.option("--streaming", is_flag=True,
+              help="Out of core: fit preprocessing in one streaming pass and train from shards on disk "
+                   "(memory bounded by the model and a few shards, whatever the data size).")
+@click.option("--shard-rows", type=click.IntRange(min=1), default=1_000_000, show_default=True,
+              help="Rows per shard in --streaming mode.")
 @click.option("--checkpoint-every", type=click.IntRange(min=0),
               help="Steps between checkpoints in OUT/checkpoints (default 1000; 0: epoch ends only).")
 @click.option("--resume", is_flag=True, help="Continue from the newest checkpoint in --out (rerun the same command "
@@ -99,7 +104,7 @@ def main() -> None:
 @friendly
 def train(fmt, train_path, valid_path, valid_fraction, test_path, schema_path, out, model, preset, overrides,
           epochs, batch_size, lr, seed, threads, embedding_update, precision, min_count, on_bad_rows, cache_dir,
-          no_cache, checkpoint_every, resume, quiet) -> None:
+          no_cache, streaming, shard_rows, checkpoint_every, resume, quiet) -> None:
     """Train a model and write a bundle.
 
     \b
@@ -121,11 +126,19 @@ def train(fmt, train_path, valid_path, valid_fraction, test_path, schema_path, o
                                                    batch_size=batch_size, lr=lr, seed=seed, threads=threads,
                                                    embedding_update=embedding_update, precision=precision,
                                                    checkpoint_every=checkpoint_every)
-    prep = pipeline.prepare(train_path, fmt, _schema(schema_path, fmt, min_count), valid_path, valid_fraction,
-                            train_cfg.seed, on_bad_rows, cache_dir, not no_cache)
+    schema = _schema(schema_path, fmt, min_count)
+    if streaming:
+        prep = pipeline.prepare_streaming(train_path, fmt, schema, valid_path, valid_fraction, train_cfg.seed,
+                                          on_bad_rows, cache_dir, not no_cache, shard_rows)
+    else:
+        prep = pipeline.prepare(train_path, fmt, schema, valid_path, valid_fraction, train_cfg.seed, on_bad_rows,
+                                cache_dir, not no_cache)
     pipeline.log(f"{prep.info['rows']:,} rows, {len(prep.fields)} fields, {prep.info['vocab_rows']:,} "
                  f"embedding rows; model {model_cfg.model}, preset {preset}")
-    test = pipeline.encode_file(test_path, fmt, prep.pre, on_bad_rows) if test_path else None
+    test = None
+    if test_path:
+        test = (pipeline.shard_file(test_path, fmt, prep.pre, on_bad_rows, cache_dir, shard_rows) if streaming
+                else pipeline.encode_file(test_path, fmt, prep.pre, on_bad_rows))
     _, result = pipeline.train(prep, model_cfg, train_cfg, out, fmt, test, progress=not quiet,
                                extra_info={"preset": preset, "overrides": list(overrides)}, resume=resume)
     for split, m in result["metrics"].items():

@@ -7,6 +7,7 @@ import hashlib
 import json
 import shutil
 import sys
+import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -17,6 +18,7 @@ import numpy as np
 from deepfm.config import apply_overrides, load_preset
 from deepfm.data import readers
 from deepfm.data.preprocess import Encoded, Preprocessor
+from deepfm.data.shards import ShardBatcher, ShardSet, fit_streaming, write_shards
 from deepfm.data.store import (
     Batcher,
     FieldSpec,
@@ -43,15 +45,19 @@ def log(msg: str) -> None:
 @dataclass
 class Prepared:
     pre: Preprocessor
-    train: Encoded
+    train: Encoded | ShardSet  # in memory (memory-mapped), or shards on disk (streaming mode)
     train_rows: np.ndarray | None  # None = all rows of `train`
-    valid: Encoded | None
+    valid: Encoded | ShardSet | None
     valid_rows: np.ndarray | None
     info: dict[str, Any] = field(default_factory=dict)
 
     @property
     def fields(self) -> list[FieldSpec]:
         return layout(self.pre)
+
+
+def batcher(data: Encoded | ShardSet, fields: list[FieldSpec]) -> Batcher | ShardBatcher:
+    return ShardBatcher(data, fields) if isinstance(data, ShardSet) else Batcher(data, fields)
 
 
 def split_rows(n: int, fraction: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
@@ -134,6 +140,74 @@ def prepare(
     return Prepared(pre, train, train_rows, valid, valid_rows, info)
 
 
+def prepare_streaming(
+    train_path: str | Path,
+    fmt: str,
+    schema: Schema | None = None,
+    valid_path: str | Path | None = None,
+    valid_fraction: float = 0.1,
+    seed: int = 2017,
+    on_bad_rows: str = "error",
+    cache_dir: str | Path | None = None,
+    use_cache: bool = True,
+    shard_rows: int = 1_000_000,
+    block_bytes: int = 16 << 20,
+) -> Prepared:
+    """Out-of-core ``prepare``: fit in one streaming pass, then encode into shards (data.shards). Memory is
+    bounded by the vocabularies and a block, whatever the file size. The shards are cached like stores."""
+    schema = schema or readers.default_schema(fmt)
+    if schema is None:
+        raise DeepFMError(f"--format {fmt} needs a schema (--schema FILE)")
+    fraction = 0.0 if valid_path else valid_fraction
+    if valid_path is None and not 0 < fraction < 1:
+        raise DeepFMError(f"--valid-fraction must be in (0, 1), got {valid_fraction}")
+    cache = Path(cache_dir) if cache_dir else default_cache_dir()
+    key = cache_key("shards", file_identity(train_path), fmt, schema.to_dict(), fraction, seed, on_bad_rows,
+                    shard_rows)
+    entry = cache / key if use_cache else Path(tempfile.mkdtemp(prefix="deepfm-shards-"))
+
+    def blocks(path: str | Path):
+        return readers.iter_read(path, fmt, schema, on_bad_rows, block_bytes=block_bytes)
+
+    t0 = time.perf_counter()
+    if (entry / "done").exists():
+        pre = Preprocessor.from_dict(json.loads((entry / "preprocessor.json").read_text()))
+        info = json.loads((entry / "info.json").read_text())
+        log(f"using cached shards for {train_path} ({info['rows']:,} rows)")
+    else:
+        pre, info = fit_streaming(lambda: blocks(train_path), schema, fraction, seed)
+        log(f"fitted preprocessing on {info['train_rows']:,} rows in one streaming pass; writing shards")
+        entry.mkdir(parents=True, exist_ok=True)
+        write_shards(blocks(train_path), pre, entry / "data", fraction, seed, shard_rows)
+        if valid_path:
+            write_shards(blocks(valid_path), pre, entry / "valid", 0.0, seed, shard_rows)
+        info.update({"path": str(train_path), "format": fmt, "streaming": True, "shard_rows": shard_rows,
+                     "read_encode_seconds": time.perf_counter() - t0})
+        (entry / "preprocessor.json").write_text(json.dumps(pre.to_dict()))
+        (entry / "info.json").write_text(json.dumps(info))
+        (entry / "done").write_text("ok")
+    train = ShardSet.open(entry / "data", "train")
+    if train is None:
+        raise DataError("no training rows", path=str(train_path))
+    valid = ShardSet.open(entry / "valid", "train") if valid_path else ShardSet.open(entry / "data", "valid")
+    info["vocab_rows"] = int(sum(f.size for f in layout(pre)))
+    return Prepared(pre, train, None, valid, None, info)
+
+
+def shard_file(path: str | Path, fmt: str, pre: Preprocessor, on_bad_rows: str = "error",
+               cache_dir: str | Path | None = None, shard_rows: int = 1_000_000) -> ShardSet:
+    """``encode_file`` for data larger than memory: the file encoded into (cached) shards."""
+    cache = Path(cache_dir) if cache_dir else default_cache_dir()
+    entry = cache / cache_key("shard-file", file_identity(path), fmt, pre.fingerprint(), on_bad_rows, shard_rows)
+    if not (entry / "shards.json").exists():
+        entry.parent.mkdir(parents=True, exist_ok=True)
+        write_shards(readers.iter_read(path, fmt, pre.schema, on_bad_rows), pre, entry, 0.0, 0, shard_rows)
+    shards = ShardSet.open(entry, "train")
+    if shards is None:
+        raise DataError("no data rows", path=str(path))
+    return shards
+
+
 def encode_file(path: str | Path, fmt: str, pre: Preprocessor, on_bad_rows: str = "error",
                 cache_dir: Path | None = None, use_cache: bool = False) -> Encoded:
     """Read + encode a file with a fitted preprocessor, through the store cache when asked."""
@@ -168,12 +242,15 @@ def resolve_config(preset: str = "default", overrides: list[str] | None = None,
         raise DeepFMError(f"invalid configuration: {e}") from None
 
 
-def score(model: CTRModel, enc: Encoded, fields: list[FieldSpec], rows: np.ndarray | None = None) -> dict[str, Any]:
-    """Metrics of ``model`` on the labelled rows of ``enc``."""
-    if enc.label is None:
+def score(model: CTRModel, enc: Encoded | ShardSet, fields: list[FieldSpec], rows: np.ndarray | None = None
+          ) -> dict[str, Any]:
+    """Metrics of ``model`` on the labelled rows of ``enc`` (in memory or shards, streamed)."""
+    b = batcher(enc, fields)
+    labels = b.labels()
+    if labels is None:
         raise DeepFMError("cannot evaluate: the data has no label column")
-    p = sigmoid(predict_logits(model, Batcher(enc, fields), rows))
-    y = np.asarray(enc.label if rows is None else enc.label[rows])
+    p = sigmoid(predict_logits(model, b, rows))
+    y = np.asarray(labels if rows is None else labels[rows])
     return evaluate(y, p)
 
 
@@ -183,7 +260,7 @@ def train(
     train_cfg: TrainConfig,
     out_dir: str | Path | None = None,
     data_format: str | None = None,
-    test: Encoded | None = None,
+    test: Encoded | ShardSet | None = None,
     progress: bool = True,
     extra_info: dict[str, Any] | None = None,
     resume: bool = False,
@@ -218,8 +295,8 @@ def train(
             log(msg)
 
     t0 = time.perf_counter()
-    history = fit(model, Batcher(prepared.train, fields), train_cfg, prepared.train_rows,
-                  Batcher(prepared.valid, fields) if prepared.valid is not None else None,
+    history = fit(model, batcher(prepared.train, fields), train_cfg, prepared.train_rows,
+                  batcher(prepared.valid, fields) if prepared.valid is not None else None,
                   prepared.valid_rows, log_path, progress, on_epoch, checkpoints, resume)
     metrics: dict[str, Any] = {}
     if prepared.valid is not None:

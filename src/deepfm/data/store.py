@@ -107,6 +107,9 @@ class Batcher:
     def rows(self) -> int:
         return self.enc.rows
 
+    def labels(self) -> np.ndarray | None:
+        return self.enc.label
+
     def __call__(self, rows: np.ndarray | slice) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
         enc = self.enc
         cat = torch.from_numpy(np.ascontiguousarray(enc.cat[rows], dtype=np.int64))

@@ -223,8 +223,11 @@ def fit(
     tune_allocator()
     # a loader thread only helps with a spare core: on a full machine it preempts the compute threads
     prefetch = cfg.prefetch if isinstance(cfg.prefetch, bool) else available_cores() > threads
-    rows = np.arange(train.rows) if train_rows is None else np.asarray(train_rows)
-    if rows.size == 0:
+    # an out-of-core ShardBatcher orders each epoch itself (shard by shard); in memory: a permutation of rows
+    sharded = hasattr(train, "epoch_order")
+    rows = None if sharded else (np.arange(train.rows) if train_rows is None else np.asarray(train_rows))
+    n_rows = train.rows if sharded else rows.size
+    if n_rows == 0:
         raise ValueError("no training rows")
     emb_l2 = model.cfg.embedding_l2
     sparse = None
@@ -248,8 +251,8 @@ def fit(
             _log(f"resuming from {found[0].name}: epoch {pos.epoch}, step {pos.step}")
     if log_path is not None:  # the log holds exactly the epochs of the history (a resumed run rewrites it)
         log_path.write_text("".join(json.dumps(r) + "\n" for r in pos.history))
-    batch_size = resolve_batch_size(cfg.batch_size, rows.size)
-    steps_per_epoch = math.ceil(rows.size / batch_size)
+    batch_size = resolve_batch_size(cfg.batch_size, n_rows)
+    steps_per_epoch = math.ceil(n_rows / batch_size)
     every = checkpoints.every if checkpoints is not None else 0
 
     def save() -> None:
@@ -263,11 +266,11 @@ def fit(
             pos.epoch_rng = copy.deepcopy(rng.bit_generator.state)
         else:  # resumed inside the epoch: draw its permutation again from the state before it
             rng.bit_generator.state = pos.epoch_rng
-        perm = rows[rng.permutation(rows.size)]
+        perm = train.epoch_order(rng) if sharded else rows[rng.permutation(n_rows)]
         t0 = time.perf_counter()
-        bar = tqdm(total=rows.size, desc=f"epoch {epoch}/{cfg.epochs}", unit="row", unit_scale=True,
+        bar = tqdm(total=n_rows, desc=f"epoch {epoch}/{cfg.epochs}", unit="row", unit_scale=True,
                    disable=not progress, leave=False, mininterval=0.5)
-        bar.update(min(rows.size, pos.step * batch_size))
+        bar.update(min(n_rows, pos.step * batch_size))
 
         def make(step: int, perm: np.ndarray = perm) -> tuple:
             sel = np.sort(perm[step * batch_size: (step + 1) * batch_size])  # sorted: mmap locality
@@ -297,7 +300,7 @@ def fit(
                 pos.step += 1
                 pos.global_step += 1
                 if progress and (pos.step % 20 == 0 or pos.step == steps_per_epoch):
-                    bar.update(min(rows.size, pos.step * batch_size) - bar.n)
+                    bar.update(min(n_rows, pos.step * batch_size) - bar.n)
                     bar.set_postfix(loss=f"{pos.loss_sum / pos.seen:.4f}")
             if every and pos.step < steps_per_epoch and pos.global_step % every == 0:
                 save()
@@ -310,7 +313,7 @@ def fit(
         if valid is not None:
             vrows = valid_rows if valid_rows is not None else None
             logits = predict_logits(model, valid, vrows, cfg.eval_batch_size)
-            y_valid = valid.enc.label if vrows is None else valid.enc.label[vrows]
+            y_valid = valid.labels() if vrows is None else valid.labels()[vrows]
             m = evaluate(np.asarray(y_valid), sigmoid(logits))
             rec.update({f"valid_{k}": v for k, v in m.items()})
             value = m["auc"] - (m["logloss"] if cfg.monitor == "auc-logloss" else 0.0)
