@@ -96,6 +96,8 @@ def main() -> None:
                    "(memory bounded by the model and a few shards, whatever the data size).")
 @click.option("--shard-rows", type=click.IntRange(min=1), default=1_000_000, show_default=True,
               help="Rows per shard in --streaming mode.")
+@click.option("--nproc", type=click.IntRange(min=1), default=1, show_default=True,
+              help="Data-parallel processes on this machine (launches torchrun; gloo on CPU, nccl on CUDA).")
 @click.option("--checkpoint-every", type=click.IntRange(min=0),
               help="Steps between checkpoints in OUT/checkpoints (default 1000; 0: epoch ends only).")
 @click.option("--resume", is_flag=True, help="Continue from the newest checkpoint in --out (rerun the same command "
@@ -104,7 +106,7 @@ def main() -> None:
 @friendly
 def train(fmt, train_path, valid_path, valid_fraction, test_path, schema_path, out, model, preset, overrides,
           epochs, batch_size, lr, seed, threads, embedding_update, precision, min_count, on_bad_rows, cache_dir,
-          no_cache, streaming, shard_rows, checkpoint_every, resume, quiet) -> None:
+          no_cache, streaming, shard_rows, nproc, checkpoint_every, resume, quiet) -> None:
     """Train a model and write a bundle.
 
     \b
@@ -114,9 +116,14 @@ def train(fmt, train_path, valid_path, valid_fraction, test_path, schema_path, o
       deepfm train --format csv --schema schema.yaml --train logs.csv --out m/ --set model.dropout=0.3
     """
     from deepfm import pipeline
+    from deepfm.train import distributed as dist
 
+    if nproc > 1:  # hand over to torchrun, which runs this command (without --nproc) on every rank
+        _torchrun(nproc)
     if fmt is None and schema_path is None:
         raise DeepFMError("pass --format (criteo, avazu, libfm, movielens) or --format csv/parquet with --schema")
+    ranked = dist.init_from_env()
+    lead = dist.rank() == 0
     fmt = fmt or ("parquet" if str(train_path).endswith(".parquet") else "csv")
     if batch_size is not None and batch_size != "auto":
         if not batch_size.isdigit():
@@ -127,12 +134,16 @@ def train(fmt, train_path, valid_path, valid_fraction, test_path, schema_path, o
                                                    embedding_update=embedding_update, precision=precision,
                                                    checkpoint_every=checkpoint_every)
     schema = _schema(schema_path, fmt, min_count)
+    if ranked and not lead:
+        dist.barrier()  # rank 0 reads, fits and caches the data first; the others then take it from the cache
     if streaming:
         prep = pipeline.prepare_streaming(train_path, fmt, schema, valid_path, valid_fraction, train_cfg.seed,
                                           on_bad_rows, cache_dir, not no_cache, shard_rows)
     else:
         prep = pipeline.prepare(train_path, fmt, schema, valid_path, valid_fraction, train_cfg.seed, on_bad_rows,
                                 cache_dir, not no_cache)
+    if ranked and lead:
+        dist.barrier()
     pipeline.log(f"{prep.info['rows']:,} rows, {len(prep.fields)} fields, {prep.info['vocab_rows']:,} "
                  f"embedding rows; model {model_cfg.model}, preset {preset}")
     test = None
@@ -141,10 +152,29 @@ def train(fmt, train_path, valid_path, valid_fraction, test_path, schema_path, o
                 else pipeline.encode_file(test_path, fmt, prep.pre, on_bad_rows))
     _, result = pipeline.train(prep, model_cfg, train_cfg, out, fmt, test, progress=not quiet,
                                extra_info={"preset": preset, "overrides": list(overrides)}, resume=resume)
+    if not lead:
+        return
     for split, m in result["metrics"].items():
         click.echo(f"{split}: AUC {m['auc']:.4f}  logloss {m['logloss']:.4f}  calibration "
                    f"{m['calibration']:.3f}  rows {m['rows']:,}")
     click.echo(f"bundle written to {out}")
+
+
+def _torchrun(nproc: int) -> None:
+    """Re-run this command under torchrun with ``nproc`` processes (and exit with its status)."""
+    import subprocess
+
+    argv, skip = [], False
+    for a in sys.argv[1:]:
+        if skip:
+            skip = False
+        elif a == "--nproc":
+            skip = True
+        elif not a.startswith("--nproc="):
+            argv.append(a)
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}", "-m",
+           "deepfm", *argv]
+    sys.exit(subprocess.call(cmd))
 
 
 # ------------------------------------------------------------------------------------------- evaluate

@@ -33,6 +33,7 @@ from deepfm.errors import DataError, DeepFMError
 from deepfm.models.ctr import CTRModel, ModelConfig, build_model
 from deepfm.schema import Schema
 from deepfm.serve import bundle as bundle_mod
+from deepfm.train import distributed as dist
 from deepfm.train.checkpoint import Checkpointer, disk_error, fingerprint
 from deepfm.train.metrics import evaluate
 from deepfm.train.trainer import TrainConfig, fit, predict_logits, seed_everything, sigmoid
@@ -298,6 +299,8 @@ def train(
     history = fit(model, batcher(prepared.train, fields), train_cfg, prepared.train_rows,
                   batcher(prepared.valid, fields) if prepared.valid is not None else None,
                   prepared.valid_rows, log_path, progress, on_epoch, checkpoints, resume)
+    if dist.rank() != 0:  # rank 0 scores and writes the bundle; the other ranks are done
+        return model, {"metrics": {}, "training": {}}
     metrics: dict[str, Any] = {}
     if prepared.valid is not None:
         metrics["valid"] = score(model, prepared.valid, fields, prepared.valid_rows)

@@ -16,6 +16,8 @@ stale momentum (dense Adam moves them). ``TrainConfig.embedding_update`` selects
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import numpy as np
 import torch
 
@@ -90,9 +92,13 @@ class SparseEmbeddings:
         for t in self.tables:
             t.gathered = (inv, t.weight.detach().index_select(0, rows).requires_grad_())
 
-    def step(self) -> None:
+    def step(self, reduce: Callable | None = None) -> None:
+        """Apply the lazy Adam update; ``reduce(rows, grads) -> (rows, grads)`` combines ranks first."""
         grads = [t.gathered[1].grad if t.gathered is not None else None for t in self.tables]
-        self.opt.step(self.rows, grads)
+        rows = self.rows
+        if reduce is not None:
+            rows, grads = reduce(rows, grads)
+        self.opt.step(rows, grads)
         self.end()
 
     def end(self) -> None:

@@ -24,6 +24,7 @@ from tqdm.auto import tqdm
 
 from deepfm.data.store import Batcher
 from deepfm.models.ctr import CTRModel
+from deepfm.train import distributed as dist
 from deepfm.train.checkpoint import Checkpointer, Position
 from deepfm.train.metrics import evaluate
 from deepfm.train.sparse import SparseEmbeddings
@@ -240,7 +241,11 @@ def fit(
     opt = torch.optim.Adam([{"params": other}, {"params": dense, "weight_decay": model.cfg.net_l2}], lr=cfg.lr,
                            foreach=True)
     loss_fn = torch.nn.BCEWithLogitsLoss()
-    rng = np.random.default_rng(cfg.seed)
+    rng = np.random.default_rng(cfg.seed)  # the epoch order: the same on every rank
+    ranks, lead = dist.world(), dist.rank() == 0
+    if ranks > 1:
+        torch.manual_seed(cfg.seed + 7919 * dist.rank())  # dropout masks differ per rank; the init did not
+        reduce = [p for p in model.parameters() if id(p) not in tables and p.requires_grad]
     pos, best_state = Position(), None
     if resume and checkpoints is not None:
         found = checkpoints.latest(warn=_log)
@@ -249,14 +254,14 @@ def fit(
         else:
             pos, best_state = checkpoints.restore(*found, model, opt, sparse, rng)
             _log(f"resuming from {found[0].name}: epoch {pos.epoch}, step {pos.step}")
-    if log_path is not None:  # the log holds exactly the epochs of the history (a resumed run rewrites it)
+    if log_path is not None and lead:  # the log holds exactly the epochs of the history (rewritten on resume)
         log_path.write_text("".join(json.dumps(r) + "\n" for r in pos.history))
     batch_size = resolve_batch_size(cfg.batch_size, n_rows)
-    steps_per_epoch = math.ceil(n_rows / batch_size)
+    rank_batch = max(1, batch_size // ranks)  # the global batch stays batch_size rows
     every = checkpoints.every if checkpoints is not None else 0
 
     def save() -> None:
-        if checkpoints is not None:
+        if checkpoints is not None and lead:
             checkpoints.save(model, opt, sparse, best_state, rng, pos)
 
     while not pos.done and pos.epoch <= cfg.epochs:
@@ -267,13 +272,17 @@ def fit(
         else:  # resumed inside the epoch: draw its permutation again from the state before it
             rng.bit_generator.state = pos.epoch_rng
         perm = train.epoch_order(rng) if sharded else rows[rng.permutation(n_rows)]
+        if ranks > 1:  # this rank's disjoint part: its shards (i % world), or every world-th row
+            owner = (np.searchsorted(train.starts, perm, side="right") - 1) % ranks if sharded else None
+            perm = dist.share(perm, owner)
+        steps_per_epoch = math.ceil(perm.size / rank_batch)
         t0 = time.perf_counter()
-        bar = tqdm(total=n_rows, desc=f"epoch {epoch}/{cfg.epochs}", unit="row", unit_scale=True,
-                   disable=not progress, leave=False, mininterval=0.5)
-        bar.update(min(n_rows, pos.step * batch_size))
+        bar = tqdm(total=perm.size, desc=f"epoch {epoch}/{cfg.epochs}", unit="row", unit_scale=True,
+                   disable=not progress or not lead, leave=False, mininterval=0.5)
+        bar.update(min(perm.size, pos.step * rank_batch))
 
         def make(step: int, perm: np.ndarray = perm) -> tuple:
-            sel = np.sort(perm[step * batch_size: (step + 1) * batch_size])  # sorted: mmap locality
+            sel = np.sort(perm[step * rank_batch: (step + 1) * rank_batch])  # sorted: mmap locality
             idx, val, y = train(sel)
             if prefetch:
                 model.premake_dropout(len(sel))
@@ -292,15 +301,20 @@ def fit(
                 total = loss + emb_l2 * model.embedding_penalty(idx) if emb_l2 > 0 else loss
                 opt.zero_grad(set_to_none=True)
                 total.backward()
+                if ranks > 1:
+                    for p in reduce:
+                        if p.grad is None:
+                            p.grad = torch.zeros_like(p)
+                    dist.allreduce_mean([p.grad for p in reduce])
                 opt.step()
                 if sparse:
-                    sparse.step()
+                    sparse.step(dist.allgather_rows if ranks > 1 else None)
                 pos.loss_sum += loss.item() * len(y)
                 pos.seen += len(y)
                 pos.step += 1
                 pos.global_step += 1
                 if progress and (pos.step % 20 == 0 or pos.step == steps_per_epoch):
-                    bar.update(min(n_rows, pos.step * batch_size) - bar.n)
+                    bar.update(min(perm.size, pos.step * rank_batch) - bar.n)
                     bar.set_postfix(loss=f"{pos.loss_sum / pos.seen:.4f}")
             if every and pos.step < steps_per_epoch and pos.global_step % every == 0:
                 save()
@@ -312,7 +326,16 @@ def fit(
         stop = False
         if valid is not None:
             vrows = valid_rows if valid_rows is not None else None
-            logits = predict_logits(model, valid, vrows, cfg.eval_batch_size)
+            if ranks > 1:  # the same batch-norm statistics everywhere; each rank scores a slice of validation
+                dist.allreduce_mean([b for b in model.buffers() if b.dtype.is_floating_point])
+                all_rows = np.arange(valid.rows) if vrows is None else vrows
+                parts = dist.gather_array(predict_logits(model, valid, all_rows[dist.rank()::ranks],
+                                                         cfg.eval_batch_size))
+                logits = np.empty(all_rows.size, dtype=np.float32)
+                for i, part in enumerate(parts):
+                    logits[i::ranks] = part
+            else:
+                logits = predict_logits(model, valid, vrows, cfg.eval_batch_size)
             y_valid = valid.labels() if vrows is None else valid.labels()[vrows]
             m = evaluate(np.asarray(y_valid), sigmoid(logits))
             rec.update({f"valid_{k}": v for k, v in m.items()})
@@ -334,11 +357,13 @@ def fit(
                         sparse.lr *= 0.1
                 else:
                     stop = True
+        elif ranks > 1:
+            dist.allreduce_mean([b for b in model.buffers() if b.dtype.is_floating_point])
         pos.history.append(rec)
-        if log_path is not None:
+        if log_path is not None and lead:
             with open(log_path, "a") as fh:
                 fh.write(json.dumps(rec) + "\n")
-        if on_epoch:
+        if on_epoch and lead:
             on_epoch(rec)
         pos.epoch, pos.step, pos.loss_sum, pos.seen, pos.done = epoch + 1, 0, 0.0, 0, stop or epoch >= cfg.epochs
         save()
