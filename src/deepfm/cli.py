@@ -96,6 +96,9 @@ def main() -> None:
                    "(memory bounded by the model and a few shards, whatever the data size).")
 @click.option("--shard-rows", type=click.IntRange(min=1), default=1_000_000, show_default=True,
               help="Rows per shard in --streaming mode.")
+@click.option("--init-from", "init_from", type=click.Path(exists=True, file_okay=False),
+              help="Warm start from a bundle (e.g. yesterday's): its vocabularies grow with the new values, its "
+                   "weights are kept, new rows start fresh; the new bundle records its lineage.")
 @click.option("--nproc", type=click.IntRange(min=1), default=1, show_default=True,
               help="Data-parallel processes on this machine (launches torchrun; gloo on CPU, nccl on CUDA).")
 @click.option("--checkpoint-every", type=click.IntRange(min=0),
@@ -106,7 +109,7 @@ def main() -> None:
 @friendly
 def train(fmt, train_path, valid_path, valid_fraction, test_path, schema_path, out, model, preset, overrides,
           epochs, batch_size, lr, seed, threads, embedding_update, precision, min_count, on_bad_rows, cache_dir,
-          no_cache, streaming, shard_rows, nproc, checkpoint_every, resume, quiet) -> None:
+          no_cache, streaming, shard_rows, init_from, nproc, checkpoint_every, resume, quiet) -> None:
     """Train a model and write a bundle.
 
     \b
@@ -120,6 +123,14 @@ def train(fmt, train_path, valid_path, valid_fraction, test_path, schema_path, o
 
     if nproc > 1:  # hand over to torchrun, which runs this command (without --nproc) on every rank
         _torchrun(nproc)
+    parent = None
+    if init_from:
+        from deepfm.serve.bundle import load
+
+        parent = load(init_from)
+        fmt = fmt or parent.data_format
+        if model is not None and model != parent.model.cfg.model:
+            raise DeepFMError(f"--init-from: the bundle is a {parent.model.cfg.model} model, not {model}")
     if fmt is None and schema_path is None:
         raise DeepFMError("pass --format (criteo, avazu, libfm, movielens) or --format csv/parquet with --schema")
     ranked = dist.init_from_env()
@@ -134,14 +145,20 @@ def train(fmt, train_path, valid_path, valid_fraction, test_path, schema_path, o
                                                    embedding_update=embedding_update, precision=precision,
                                                    checkpoint_every=checkpoint_every)
     schema = _schema(schema_path, fmt, min_count)
+    if parent is not None:  # the bundle's fields (min_count may change) and model
+        if schema_path is None:
+            schema = parent.preprocessor.schema
+            schema = schema.with_overrides(min_count=min_count) if min_count is not None else schema
+        model_cfg = parent.model.cfg
     if ranked and not lead:
         dist.barrier()  # rank 0 reads, fits and caches the data first; the others then take it from the cache
     if streaming:
         prep = pipeline.prepare_streaming(train_path, fmt, schema, valid_path, valid_fraction, train_cfg.seed,
-                                          on_bad_rows, cache_dir, not no_cache, shard_rows)
+                                          on_bad_rows, cache_dir, not no_cache, shard_rows,
+                                          parent=parent.preprocessor if parent else None)
     else:
         prep = pipeline.prepare(train_path, fmt, schema, valid_path, valid_fraction, train_cfg.seed, on_bad_rows,
-                                cache_dir, not no_cache)
+                                cache_dir, not no_cache, parent=parent.preprocessor if parent else None)
     if ranked and lead:
         dist.barrier()
     pipeline.log(f"{prep.info['rows']:,} rows, {len(prep.fields)} fields, {prep.info['vocab_rows']:,} "
@@ -151,7 +168,8 @@ def train(fmt, train_path, valid_path, valid_fraction, test_path, schema_path, o
         test = (pipeline.shard_file(test_path, fmt, prep.pre, on_bad_rows, cache_dir, shard_rows) if streaming
                 else pipeline.encode_file(test_path, fmt, prep.pre, on_bad_rows))
     _, result = pipeline.train(prep, model_cfg, train_cfg, out, fmt, test, progress=not quiet,
-                               extra_info={"preset": preset, "overrides": list(overrides)}, resume=resume)
+                               extra_info={"preset": preset, "overrides": list(overrides)}, resume=resume,
+                               init_from=parent)
     if not lead:
         return
     for split, m in result["metrics"].items():

@@ -14,6 +14,9 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+import torch
 
 from deepfm.config import apply_overrides, load_preset
 from deepfm.data import readers
@@ -77,6 +80,53 @@ def _report_skips(res: readers.ReadResult) -> None:
         log(res.skipped.summary(res.path))
 
 
+def grow(parent: Preprocessor, new: Preprocessor) -> Preprocessor:
+    """Warm-start preprocessing: the parent's states, with each vocabulary extended by the values of
+    ``new`` (fitted on the new data, so they passed min_count there) that it lacks. Existing values keep
+    their indices (and so their embedding rows); values in neither stay OOV. Numeric transforms keep the
+    parent's parameters, so a value means the same to the parent's weights."""
+    if [f.name for f in parent.schema.fields] != [f.name for f in new.schema.fields]:
+        raise DeepFMError("--init-from: the new data's schema has other fields than the bundle's "
+                          f"({[f.name for f in parent.schema.fields][:6]}...); warm start needs the same fields")
+    states: dict[str, dict[str, Any]] = {}
+    for f in parent.schema.fields:
+        old = parent.states.get(f.name, {})
+        if "_vocab_array" in old:
+            known = old["_vocab_array"]
+            fresh = new.states[f.name]["_vocab_array"]
+            added = fresh.filter(pc.invert(pc.is_in(fresh, value_set=known)))
+            states[f.name] = {**old, "_vocab_array": pa.concat_arrays([known, added.cast(known.type)])}
+        else:
+            states[f.name] = dict(old)
+    grown = Preprocessor(parent.schema)
+    grown.states = states
+    return grown
+
+
+def warm_start(model: CTRModel, parent: CTRModel) -> dict[str, int]:
+    """Copy a parent model into ``model`` (built on grown preprocessing): each field's existing table rows,
+    the bias and the whole MLP; the new rows keep their fresh initialisation. Returns rows copied/new."""
+    if parent.cfg.to_dict() != model.cfg.to_dict():
+        raise DeepFMError("--init-from: the model configuration differs from the bundle's")
+    copied = new = 0
+    with torch.no_grad():
+        for name in ("w", "v"):
+            dst, src = getattr(model, name), getattr(parent, name)
+            if dst is None:
+                continue
+            d_start = np.r_[0, np.cumsum(dst.sizes)[:-1]]
+            s_start = np.r_[0, np.cumsum(src.sizes)[:-1]]
+            for i, (n_dst, n_src) in enumerate(zip(dst.sizes, src.sizes, strict=True)):
+                if n_src > n_dst:
+                    raise DeepFMError("--init-from: a field has fewer rows than in the bundle")
+                dst.weight[d_start[i]: d_start[i] + n_src] = src.weight[s_start[i]: s_start[i] + n_src]
+                if name == "v":
+                    copied, new = copied + n_src, new + n_dst - n_src
+        rest = {k: v for k, v in parent.state_dict().items() if not k.startswith(("w.", "v."))}
+        model.load_state_dict(rest, strict=False)
+    return {"rows_copied": copied, "rows_new": new}
+
+
 def prepare(
     train_path: str | Path,
     fmt: str,
@@ -87,13 +137,17 @@ def prepare(
     on_bad_rows: str = "error",
     cache_dir: str | Path | None = None,
     use_cache: bool = True,
+    parent: Preprocessor | None = None,
 ) -> Prepared:
-    """Fit preprocessing on the training rows only and encode train (+ valid) into cached stores."""
+    """Fit preprocessing on the training rows only and encode train (+ valid) into cached stores.
+    parent: a bundle's preprocessing to grow (warm start): its vocabularies keep their indices, values new in
+    this data that pass min_count are appended (see ``grow``)."""
     schema = schema or readers.default_schema(fmt)
     cache = Path(cache_dir) if cache_dir else default_cache_dir()
     split = None if valid_path else (valid_fraction, seed)
     schema_key = schema.to_dict() if schema else None
-    key = cache_key("train", file_identity(train_path), fmt, schema_key, split, on_bad_rows)
+    key = cache_key("train", file_identity(train_path), fmt, schema_key, split, on_bad_rows,
+                    parent.fingerprint() if parent is not None else None)
     entry = cache / key
     t0 = time.perf_counter()
     if use_cache and (entry / "done").exists():
@@ -115,7 +169,11 @@ def prepare(
             fit_on = readers.ReadResult(res.table.take(train_rows), res.label[train_rows], res.schema, res.path,
                                         res.skipped)
         pre = Preprocessor(res.schema)
-        enc = pre.fit_transform(res) if fit_on is res else pre.fit(fit_on).transform(res)
+        if parent is not None:
+            pre = grow(parent, pre.fit(fit_on))
+            enc = pre.transform(res)
+        else:
+            enc = pre.fit_transform(res) if fit_on is res else pre.fit(fit_on).transform(res)
         info = {"rows": res.rows, "skipped_rows": res.skipped.count, "read_encode_seconds":
                 time.perf_counter() - t0, "path": str(train_path), "format": fmt}
         if use_cache:
@@ -153,6 +211,7 @@ def prepare_streaming(
     use_cache: bool = True,
     shard_rows: int = 1_000_000,
     block_bytes: int = 16 << 20,
+    parent: Preprocessor | None = None,
 ) -> Prepared:
     """Out-of-core ``prepare``: fit in one streaming pass, then encode into shards (data.shards). Memory is
     bounded by the vocabularies and a block, whatever the file size. The shards are cached like stores."""
@@ -164,7 +223,7 @@ def prepare_streaming(
         raise DeepFMError(f"--valid-fraction must be in (0, 1), got {valid_fraction}")
     cache = Path(cache_dir) if cache_dir else default_cache_dir()
     key = cache_key("shards", file_identity(train_path), fmt, schema.to_dict(), fraction, seed, on_bad_rows,
-                    shard_rows)
+                    shard_rows, parent.fingerprint() if parent is not None else None)
     entry = cache / key if use_cache else Path(tempfile.mkdtemp(prefix="deepfm-shards-"))
 
     def blocks(path: str | Path):
@@ -177,6 +236,8 @@ def prepare_streaming(
         log(f"using cached shards for {train_path} ({info['rows']:,} rows)")
     else:
         pre, info = fit_streaming(lambda: blocks(train_path), schema, fraction, seed)
+        if parent is not None:
+            pre = grow(parent, pre)
         log(f"fitted preprocessing on {info['train_rows']:,} rows in one streaming pass; writing shards")
         entry.mkdir(parents=True, exist_ok=True)
         write_shards(blocks(train_path), pre, entry / "data", fraction, seed, shard_rows)
@@ -265,12 +326,22 @@ def train(
     progress: bool = True,
     extra_info: dict[str, Any] | None = None,
     resume: bool = False,
+    init_from: bundle_mod.Bundle | None = None,
 ) -> tuple[CTRModel, dict[str, Any]]:
     """Train on prepared data; with ``out_dir``, write checkpoints (``out_dir/checkpoints``), metrics.jsonl
     and the bundle there. resume: continue from the newest checkpoint in ``out_dir`` (see train.checkpoint)."""
     seed_everything(train_cfg.seed)
     fields = prepared.fields
     model = build_model(fields, model_cfg)
+    lineage = None
+    if init_from is not None:
+        counts = warm_start(model, init_from.model)
+        lineage = {"parent": str(init_from.path), "parent_version": init_from.manifest.get("files", {}).get(
+            "model.safetensors", "")[:12], "parent_created": init_from.manifest.get("created"),
+            "parent_data": init_from.training.get("data"), "ancestors": init_from.training.get("lineage"),
+            **counts}
+        log(f"warm start from {init_from.path}: {counts['rows_copied']:,} embedding rows kept, "
+            f"{counts['rows_new']:,} new")
     out = Path(out_dir) if out_dir else None
     log_path, checkpoints = None, None
     if out is not None:
@@ -311,6 +382,8 @@ def train(
         "data": {**prepared.info, **(extra_info or {})}, "train_seconds": time.perf_counter() - t0,
         "best_epoch": history[-1].get("best_epoch") if history else None,
     }
+    if lineage is not None:
+        training["lineage"] = lineage
     if out is not None:  # replaces the folder, checkpoints included: the run is complete
         try:
             bundle_mod.save(out, model, prepared.pre, data_format, training, metrics)

@@ -26,6 +26,7 @@ class FusedTable(nn.Module):
         self.register_buffer("slot_offsets", field_offsets[slot_field], persistent=False)
         self.register_buffer("slot_field", slot_field, persistent=False)
         self.n_fields = len(fields)
+        self.sizes = [f.size for f in fields]  # rows per field, in order
         self.pooled = len(slot_field) != len(fields)
         self.weight = nn.Parameter(torch.empty(int(sizes.sum()), dim))
         nn.init.normal_(self.weight, std=std) if std > 0 else nn.init.zeros_(self.weight)
