@@ -126,3 +126,16 @@ def test_train_streaming_matches_cli_and_resumes(synth_small, tmp_path, monkeypa
     assert all(torch.equal(wa[k], wb[k]) for k in wa)
     assert json.loads((tmp_path / "a" / "metrics.json").read_text()) == \
         json.loads((tmp_path / "b" / "metrics.json").read_text())
+
+
+def test_hash_everything_schema_needs_no_vocabulary(tmp_path):
+    from deepfm.data.infer import infer_schema
+
+    path = _mixed(tmp_path, n=2000)
+    schema = infer_schema(path, label="y", hash_buckets=64)
+    assert all(f.hash_buckets == 64 for f in schema.fields if f.kind != "numeric")
+    assert any(f.kind == "numeric" and f.hash_buckets is None for f in schema.fields)
+    pre, info = fit_streaming(lambda: readers.iter_read(path, "csv", schema), schema, 0.1, 0)
+    assert all("_vocab_array" not in st for st in pre.states.values())
+    enc = pre.transform(readers.read(path, "csv", schema))
+    assert enc.cat.max() < 2 + 64 and info["rows"] == 2000

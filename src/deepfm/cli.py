@@ -546,8 +546,11 @@ def schema() -> None:
 @click.option("--label", default=None, help="Label column (default: label/click/target/y if present).")
 @click.option("--sample-rows", type=int, default=100_000, show_default=True)
 @click.option("--min-count", type=int, default=1, show_default=True)
+@click.option("--hash-buckets", type=click.IntRange(min=1),
+              help="Hash every categorical/multi field into this many buckets (no vocabulary pass: a quick start "
+                   "on unknown or unbounded data, and streaming needs only one pass).")
 @friendly
-def schema_infer(data, out, label, sample_rows, min_count) -> None:
+def schema_infer(data, out, label, sample_rows, min_count, hash_buckets) -> None:
     """Write a starting schema from a sample of a CSV/TSV (with header) or Parquet file.
 
     \b
@@ -558,7 +561,7 @@ def schema_infer(data, out, label, sample_rows, min_count) -> None:
 
     from deepfm.data.infer import infer_schema
 
-    s = infer_schema(data, label=label, sample_rows=sample_rows, min_count=min_count)
+    s = infer_schema(data, label=label, sample_rows=sample_rows, min_count=min_count, hash_buckets=hash_buckets)
     if out:
         s.save(out)
         click.echo(f"wrote {out}: label {s.label!r}, {len(s.fields)} fields; review it before training")

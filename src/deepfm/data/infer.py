@@ -15,9 +15,11 @@ LABEL_NAMES = ("label", "click", "clicked", "target", "y", "is_click")
 
 
 def infer_schema(path: str | Path, label: str | None = None, sample_rows: int = 100_000,
-                 min_count: int = 1, max_numeric_levels: int = 20) -> Schema:
+                 min_count: int = 1, max_numeric_levels: int = 20, hash_buckets: int | None = None) -> Schema:
     """Numbers with many distinct values -> numeric (log transform if non-negative and heavy-tailed);
-    text with a frequent separator ('|', ';', ',' inside a value) -> multi; everything else categorical."""
+    text with a frequent separator ('|', ';', ',' inside a value) -> multi; everything else categorical.
+    hash_buckets: hash every categorical and multi field into that many buckets ("hash everything": no
+    vocabulary pass, unbounded values; a quick start on unknown data)."""
     path = Path(path)
     table = _sample(path, sample_rows)
     names = table.column_names
@@ -27,7 +29,11 @@ def infer_schema(path: str | Path, label: str | None = None, sample_rows: int = 
             raise DataError(f"cannot tell the label column among {names[:10]}...; pass --label", path=str(path))
     if label not in names:
         raise DataError(f"label column {label!r} not found", path=str(path))
-    return Schema(fields=tuple(infer_fields(table, {label}, min_count, max_numeric_levels)), label=label)
+    fields = infer_fields(table, {label}, min_count, max_numeric_levels)
+    if hash_buckets is not None:
+        fields = [Field(**{**f.__dict__, "hash_buckets": hash_buckets, "min_count": 1}) if f.kind != "numeric" else f
+                  for f in fields]
+    return Schema(fields=tuple(fields), label=label)
 
 
 def infer_fields(table: pa.Table, exclude: set[str], min_count: int = 1,
