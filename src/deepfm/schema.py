@@ -138,6 +138,8 @@ def validate(schema: Schema) -> None:
         if f.name in seen:
             raise SchemaError(f"{where}: duplicated field name {f.name!r}; field names must be unique")
         seen.add(f.name)
+        if f.column is not None and (not isinstance(f.column, str) or not f.column):
+            raise SchemaError(f"{where}: 'column' must be a non-empty string (the source column), got {f.column!r}")
         if f.name == schema.label or f.source == schema.label:
             raise SchemaError(f"{where}: the label column {schema.label!r} cannot also be a feature")
         if f.kind not in KINDS:
@@ -171,7 +173,7 @@ def from_dict(data: Any, source: str = "schema") -> Schema:
         raise SchemaError(f"{source}: expected a mapping with 'label' and 'fields', got {type(data).__name__}")
     unknown = set(data) - {"label", "fields", "negative_label", "defaults", "format"}
     if unknown:
-        raise SchemaError(f"{source}: unknown top-level key(s) {sorted(unknown)}")
+        raise SchemaError(f"{source}: unknown top-level key(s) {sorted(unknown, key=str)}")
     raw_fields = data.get("fields")
     if not isinstance(raw_fields, list):
         raise SchemaError(f"{source}: 'fields' must be a list of field mappings")
@@ -187,7 +189,7 @@ def from_dict(data: Any, source: str = "schema") -> Schema:
         bad = set(raw) - _FIELD_KEYS
         if bad:
             raise SchemaError(
-                f"{source}: fields[{i}] ({raw.get('name')!r}): unknown option(s) {sorted(bad)}; "
+                f"{source}: fields[{i}] ({raw.get('name')!r}): unknown option(s) {sorted(bad, key=str)}; "
                 f"allowed: {sorted(_FIELD_KEYS)}"
             )
         if "name" not in raw:
@@ -209,14 +211,21 @@ def from_dict(data: Any, source: str = "schema") -> Schema:
 
 
 def load(path: str | Path) -> Schema:
-    """Load a schema from a .yaml/.yml/.json file."""
+    """Load a schema from a .yaml/.yml/.json file (UTF-8; a leading byte-order mark is allowed)."""
     path = Path(path)
     try:
-        text = path.read_text()
+        text = path.read_bytes().decode("utf-8-sig")
     except OSError as e:
         raise SchemaError(f"cannot read schema file {path}: {e.strerror}") from None
+    except UnicodeDecodeError as e:
+        raise SchemaError(f"{path}: not UTF-8 text (byte {e.start}); save the schema file as UTF-8") from None
+    kind = "JSON" if path.suffix == ".json" else "YAML"
     try:
         data = json.loads(text) if path.suffix == ".json" else yaml.safe_load(text)
     except (json.JSONDecodeError, yaml.YAMLError) as e:
-        raise SchemaError(f"{path}: not valid {'JSON' if path.suffix == '.json' else 'YAML'}: {e}") from None
+        raise SchemaError(f"{path}: not valid {kind}: {e}") from None
+    except RecursionError:
+        raise SchemaError(f"{path}: not valid {kind}: nested too deeply") from None
+    if data is None:
+        raise SchemaError(f"{path}: the schema file is empty; declare 'label' and 'fields'")
     return from_dict(data, source=str(path))

@@ -11,6 +11,7 @@ Formats: ``criteo`` (Kaggle TSV, no header), ``avazu`` (CSV), ``libfm`` (Frappe/
 
 from __future__ import annotations
 
+import re
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -26,18 +27,23 @@ from deepfm.schema import Field, Schema
 
 NUMERIC_RE = r"^\s*[+-]?(\d+\.?\d*|\.\d+)([eE][+-]?\d+)?\s*$"
 MAX_EXAMPLES = 5
+MAX_FIRST_LINE = 16 << 20  # bytes: a longer first line is not a text file of these formats
 
 
 @dataclass
 class BadRows:
-    """Rows dropped under ``on_bad_rows="skip"``: the count and the first few, with line and reason."""
+    """Rows dropped under ``on_bad_rows="skip"``: the count and the first few by line, with line and reason
+    (the same whether the file is read whole or in blocks)."""
 
     count: int = 0
     examples: list[str] = field(default_factory=list)
+    lines: list[int] = field(default_factory=list, repr=False)  # of the examples
 
-    def add(self, n: int, examples: list[str]) -> None:
+    def add(self, n: int, examples: list[tuple[int, str]]) -> None:
+        """Count ``n`` rows; ``examples``: (line, text) of (at least) the earliest few of them."""
         self.count += n
-        self.examples.extend(examples[: max(0, MAX_EXAMPLES - len(self.examples))])
+        kept = sorted([*zip(self.lines, self.examples, strict=True), *examples], key=lambda e: e[0])[:MAX_EXAMPLES]
+        self.lines, self.examples = [int(line) for line, _ in kept], [text for _, text in kept]
 
     def summary(self, path: str) -> str:
         head = f"{path}: skipped {self.count} bad row(s)"
@@ -62,18 +68,35 @@ class ReadResult:
 
 
 def _first_line(path: Path) -> str:
+    """The first line (header or first row) as text, without a UTF-8 byte-order mark (the CSV parser skips
+    it too)."""
     import gzip
 
     opener = gzip.open if path.suffix == ".gz" else open
     try:
         with opener(path, "rb") as fh:  # type: ignore[operator]
-            line = fh.readline(1 << 20)
-    except OSError as e:
-        raise DataError(f"cannot read file: {e}", path=str(path)) from None
+            line = fh.readline(MAX_FIRST_LINE + 1)
+    except (OSError, EOFError) as e:  # EOFError: a gzip stream cut before its first line ends
+        raise DataError(f"cannot read file: {e}", path=str(path),
+                        hint="check that the file is complete (and gzip-compressed if named .gz)") from None
+    if len(line) > MAX_FIRST_LINE:
+        raise DataError(f"the first line is longer than {MAX_FIRST_LINE >> 20} MiB", path=str(path), line=1,
+                        hint="is this a text file of the chosen --format?")
     if not line.strip():
         raise DataError("file is empty (or its first line is blank)", path=str(path), line=1,
                         hint="pass a file with at least one data row")
-    return line.decode("utf-8", errors="replace").rstrip("\r\n")
+    return line.decode("utf-8-sig", errors="replace").rstrip("\r\n")
+
+
+def _header(path: Path, names: list[str]) -> list[str]:
+    """Header column names; a name given twice is an error (the columns could not be told apart)."""
+    seen: set[str] = set()
+    for n in names:
+        if n in seen:
+            raise DataError(f"column {n!r} appears more than once in the header", path=str(path), line=1,
+                            hint="give every column a distinct name")
+        seen.add(n)
+    return names
 
 
 def _csv_options(names: list[str], delimiter: str, skip_header: bool, quote: bool, use_threads: bool,
@@ -85,7 +108,8 @@ def _csv_options(names: list[str], delimiter: str, skip_header: bool, quote: boo
         ),
         parse_options=pv.ParseOptions(
             delimiter=delimiter, quote_char='"' if quote else False, invalid_row_handler=handler,
-            ignore_empty_lines=False,
+            ignore_empty_lines=False,  # blank lines stay rows (of nulls), so row i keeps its line number
+            newlines_in_values=quote,  # a quoted value may hold line breaks: block boundaries must respect quotes
         ),
         convert_options=pv.ConvertOptions(
             column_types={n: pa.binary() for n in names}, strings_can_be_null=True, null_values=[""],
@@ -95,36 +119,105 @@ def _csv_options(names: list[str], delimiter: str, skip_header: bool, quote: boo
 
 
 class _InvalidRows:
-    """Collects the rows with a wrong column count that pyarrow's parser reports (line, text, columns)."""
+    """Collects the rows with a wrong column count that pyarrow's parser reports (record, text, columns).
 
-    def __init__(self, path: Path, n_names: int, on_bad_rows: str, bad: BadRows) -> None:
-        self.path, self.n_names, self.on_bad_rows, self.bad = path, n_names, on_bad_rows, bad
-        self.rows: list[tuple[int | None, str, int]] = []
-        self.reported = 0
-        self.bad_lines = np.empty(0, dtype=np.int64)
+    pyarrow numbers records, not lines: a quoted value holding line breaks makes the two differ, so with
+    ``quote`` the line breaks inside values are counted to turn record numbers into file lines."""
+
+    def __init__(self, path: Path, n_names: int, on_bad_rows: str, bad: BadRows, quote: bool = False) -> None:
+        self.path, self.n_names, self.on_bad_rows, self.bad, self.quote = path, n_names, on_bad_rows, bad, quote
+        self.rows: list[tuple[int | None, str, int]] = []  # reported by the parser, not yet placed
+        self.queue: list[tuple[int | None, str, int]] = []  # placed, waiting for the block they belong to
+        self.bad_lines = np.empty(0, dtype=np.int64)  # record numbers of the invalid rows so far
+        self.breaks = 0  # line breaks inside the values of the records read so far
+        self.pending: DataError | None = None  # on_bad_rows="error": the first invalid row, for the Validator
 
     def __call__(self, row: pv.InvalidRow) -> str:
         self.rows.append((row.number, row.text, row.actual_columns))
         return "skip"
 
-    def lines(self, first: int, start_row: int, n: int) -> np.ndarray:
-        """1-based file line of rows ``start_row .. start_row + n`` of the parsed output: raises for (or
-        counts) the invalid rows seen so far, and shifts each row past the skipped lines before it."""
-        new = sorted(self.rows[self.reported:], key=lambda t: t[0] or 0)
+    def lines(self, first: int, start_row: int, block: pa.Table | pa.RecordBatch | None, last: bool) -> np.ndarray:
+        """1-based file line of each row of ``block`` (rows ``start_row ..`` of the parsed output), shifted
+        past the invalid rows before it. The invalid rows up to the block's last row (all when ``last``: the
+        streaming parser reports rows of blocks ahead) are counted, or, with ``error``, the first is kept as
+        ``pending`` for the Validator (which reports a bad value on an earlier line first), and raised when
+        there is no row to validate."""
+        new, self.rows = self.rows, []
         if new:
-            if self.on_bad_rows != "skip":
-                num, text, got = new[0]
-                raise DataError(f"expected {self.n_names} columns, found {got}: {text[:120]!r}",
-                                path=str(self.path), line=num,
-                                hint="fix the row, check --format, or pass --on-bad-rows skip")
-            self.bad.add(len(new), [f"line {num}: expected {self.n_names} columns, found {got}"
-                                    for num, _, got in new])
-            self.bad_lines = np.sort(np.r_[self.bad_lines, np.array([t[0] for t in new], dtype=np.int64)])
-            self.reported = len(self.rows)
+            self.bad_lines = np.sort(np.r_[self.bad_lines, np.array([t[0] or 0 for t in new], dtype=np.int64)])
+            self.queue = sorted(self.queue + new, key=lambda t: t[0] or 0)
+        n = 0 if block is None else block.num_rows
         lines = np.arange(first + start_row, first + start_row + n, dtype=np.int64)
         if self.bad_lines.size:
             lines += np.searchsorted(self.bad_lines - np.arange(self.bad_lines.size), lines, side="right")
+        k = len(self.queue) if last else int(np.searchsorted([t[0] or 0 for t in self.queue], lines[-1], "right"))
+        due, self.queue = self.queue[:k], self.queue[k:]
+        nums = np.array([t[0] or 0 for t in due], dtype=np.int64)
+        if self.quote:
+            lines, nums = self._physical(lines, block, nums, [t[1] for t in due])
+        if due and self.on_bad_rows != "skip":
+            _, text, got = due[0]
+            self.pending = DataError(f"expected {self.n_names} columns, found {got}: {text[:120]!r}",
+                                     path=str(self.path), line=int(nums[0]),
+                                     hint="fix the row, check --format, or pass --on-bad-rows skip")
+            if n == 0:
+                raise self.pending
+        elif due:
+            self.bad.add(len(due), [(num, f"line {num}: expected {self.n_names} columns, found {got}")
+                                    for num, (_, _, got) in zip(nums[:MAX_EXAMPLES], due, strict=False)])
         return lines
+
+    def _physical(self, lines: np.ndarray, block: pa.Table | pa.RecordBatch | None, nums: np.ndarray,
+                  texts: list[str]) -> tuple[np.ndarray, np.ndarray]:
+        """Record numbers -> file lines: add the line breaks inside the values of all earlier records."""
+        inside = _line_breaks(block)
+        extra = np.array([t.count("\n") for t in texts], dtype=np.int64)  # invalid rows: rare
+        if inside is None and not extra.any():
+            return lines + self.breaks, nums + self.breaks
+        inside = np.zeros(len(lines), dtype=np.int64) if inside is None else inside
+        keys, counts = np.r_[lines, nums], np.r_[inside, extra]
+        order = np.argsort(keys, kind="stable")
+        before = np.empty_like(counts)
+        before[order] = np.cumsum(counts[order]) - counts[order]
+        shift = self.breaks + before
+        self.breaks += int(counts.sum())
+        return lines + shift[: len(lines)], nums + shift[len(lines):]
+
+
+def _line_breaks(block: pa.Table | pa.RecordBatch | None) -> np.ndarray | None:
+    """Line breaks inside each row's values (None when there are none): a byte scan per column, and a
+    per-row count only for the columns that hold one."""
+    total = None
+    for col in [] if block is None else block.columns:
+        chunks = col.chunks if isinstance(col, pa.ChunkedArray) else [col]
+        if not any(c.buffers()[2] is not None and (np.frombuffer(c.buffers()[2], np.uint8) == 10).any()
+                   for c in chunks):
+            continue
+        n = pc.fill_null(pc.count_substring(col, "\n"), 0).to_numpy(zero_copy_only=False).astype(np.int64)
+        total = n if total is None else total + n
+    return total
+
+
+def _no_rows(path: Path | str, bad: BadRows) -> DataError:
+    if bad.count:
+        return DataError(f"every row was bad and skipped ({bad.count}); nothing left to read", path=str(path),
+                         hint=f"first: {bad.examples[0]}" if bad.examples else None)
+    return DataError("no data rows", path=str(path), hint="the file is empty or holds only a header")
+
+
+def _parse_error(path: Path, e: Exception, block_size: int | None = None) -> DataError:
+    """pyarrow's parse failure as a DataError; a row longer than the streaming block gets its own advice."""
+    text = str(e)
+    m = re.search(r"(?:Row #(\d+): )?Expected (\d+) columns, got (\d+)", text)
+    if m:  # pyarrow decodes an invalid row's text as UTF-8 before calling the handler: it fails on bad bytes
+        return DataError(f"expected {m[2]} columns, found {m[3]}, in a row that is not valid UTF-8", path=str(path),
+                         line=int(m[1]) if m[1] else None, hint="delete or fix the row (this one cannot be "
+                         "skipped), e.g. drop invalid bytes with `iconv -f utf-8 -t utf-8 -c`")
+    if block_size is not None and ("straddl" in text or "larger than block size" in text):
+        return DataError(f"a line is longer than the read block ({block_size} bytes)", path=str(path),
+                         hint="pass a larger block_bytes")
+    return DataError(f"cannot parse file: {e}", path=str(path),
+                     hint="check the format/--format and that the file is complete")
 
 
 def read_delimited(
@@ -135,51 +228,57 @@ def read_delimited(
     on_bad_rows: str,
     bad: BadRows,
     quote: bool = False,
-) -> tuple[pa.Table, np.ndarray]:
-    """Read a delimited text file as all-binary columns; return (table, 1-based line number per row).
+) -> tuple[pa.Table, np.ndarray, DataError | None]:
+    """Read a delimited text file as all-binary columns; return (table, 1-based line number per row, the
+    first wrong-column-count error for the :class:`Validator` to raise, or None).
 
-    Rows with the wrong column count raise (naming the line) or are skipped and counted. Columns are read
-    as binary so that encoding errors are found per row afterwards instead of failing the whole read.
+    Rows with the wrong column count are reported (naming the line) or skipped and counted. Columns are
+    read as binary so that encoding errors are found per row afterwards instead of failing the whole read.
     """
     def read(use_threads: bool) -> tuple[pa.Table, _InvalidRows]:
-        invalid = _InvalidRows(path, len(names), on_bad_rows, bad)
+        invalid = _InvalidRows(path, len(names), on_bad_rows, bad, quote)
         try:
             opts = _csv_options(names, delimiter, skip_header, quote, use_threads, invalid)
             return pv.read_csv(path, **opts), invalid
         except (pa.ArrowInvalid, OSError, EOFError) as e:
-            raise DataError(f"cannot parse file: {e}", path=str(path),
-                            hint="check the format/--format and that the file is complete") from None
+            raise _parse_error(path, e) from None
 
-    table, invalid = read(True)
+    try:
+        table, invalid = read(True)
+    except DataError as e:
+        if "not valid UTF-8" not in str(e):
+            raise
+        read(False)  # raises again, with the line: only the serial reader numbers rows
+        raise
     if any(n is None for n, _, _ in invalid.rows):
         table, invalid = read(False)  # the threaded reader does not know line numbers: re-read the (rare) bad file
-    lines = invalid.lines(2 if skip_header else 1, 0, table.num_rows)
+    lines = invalid.lines(2 if skip_header else 1, 0, table, last=True)
     if table.num_rows == 0:
-        raise DataError("no data rows", path=str(path), hint="the file is empty or holds only a header")
-    return table, lines
+        raise _no_rows(path, bad)
+    return table, lines, invalid.pending
 
 
 def iter_delimited(
     path: Path, names: list[str], delimiter: str, skip_header: bool, on_bad_rows: str, bad: BadRows,
     quote: bool = False, block_size: int = 16 << 20,
-) -> Iterator[tuple[pa.Table, np.ndarray]]:
+) -> Iterator[tuple[pa.Table, np.ndarray, DataError | None]]:
     """``read_delimited`` in blocks of about ``block_size`` bytes (bounded memory for any file size)."""
-    invalid = _InvalidRows(path, len(names), on_bad_rows, bad)
+    invalid = _InvalidRows(path, len(names), on_bad_rows, bad, quote)
     first, done = 2 if skip_header else 1, 0
     try:
         # single-threaded: the streaming parser only knows line numbers then (and is faster on 2 cores)
         reader = pv.open_csv(path, **_csv_options(names, delimiter, skip_header, quote, False, invalid, block_size))
         for batch in reader:
-            lines = invalid.lines(first, done, batch.num_rows)
+            if batch.num_rows == 0:
+                continue  # a block of only invalid rows: they are placed with the next block
+            lines = invalid.lines(first, done, batch, last=False)
             done += batch.num_rows
-            if batch.num_rows:
-                yield pa.Table.from_batches([batch]), lines
+            yield pa.Table.from_batches([batch]), lines, invalid.pending
     except (pa.ArrowInvalid, OSError, EOFError) as e:
-        raise DataError(f"cannot parse file: {e}", path=str(path),
-                        hint="check the format/--format and that the file is complete") from None
-    invalid.lines(first, done, 0)
+        raise _parse_error(path, e, block_size) from None
+    invalid.lines(first, done, None, last=True)
     if done == 0:
-        raise DataError("no data rows", path=str(path), hint="the file is empty or holds only a header")
+        raise _no_rows(path, bad)
 
 
 def _bad_utf8_rows(arr: pa.Array) -> np.ndarray:
@@ -209,25 +308,43 @@ def clean_bytes(arr: pa.Array) -> bool:
 
 
 class Validator:
-    """Collects per-row problems found column by column, then raises or drops them all at once."""
+    """Collects per-row problems found column by column, then drops them all at once (``skip``) or, in
+    :meth:`finish`, raises the one on the earliest line (``error``): the same line whether the file is
+    read whole or in blocks. ``pending``: an earlier problem of the block (a wrong column count)."""
 
-    def __init__(self, path: Path | str, lines: np.ndarray, on_bad_rows: str, bad: BadRows) -> None:
+    def __init__(self, path: Path | str, lines: np.ndarray, on_bad_rows: str, bad: BadRows,
+                 pending: DataError | None = None) -> None:
         self.path, self.lines, self.on_bad_rows, self.bad = str(path), lines, on_bad_rows, bad
         self.n = len(lines)
         self.keep = np.ones(self.n, dtype=bool)
-        self.problems: list[tuple[int, str, str]] = []  # (row, field, message)
+        self.first = pending  # on_bad_rows="error": the problem on the earliest line so far
 
-    def flag(self, mask: np.ndarray, name: str, message: Callable[[int], str]) -> None:
+    def flag(self, mask: np.ndarray, name: str | None, message: Callable[[int], str]) -> None:
+        """Drop the rows in ``mask`` and count them, or keep the first as the error to raise; ``name`` is the
+        field, None for a whole row."""
         rows = np.flatnonzero(mask & self.keep)
         if rows.size == 0:
             return
+        self.keep[rows] = False
         if self.on_bad_rows != "skip":
             r = int(rows[0])
-            raise DataError(message(r), path=self.path, line=int(self.lines[r]), field=name,
-                            hint="fix the value or pass --on-bad-rows skip")
-        self.keep[rows] = False
-        self.bad.add(int(rows.size), [f"line {self.lines[r]}, field {name!r}: {message(int(r))}"
+            if self.first is None or self.first.line is None or self.lines[r] < self.first.line:
+                self.first = DataError(message(r), path=self.path, line=int(self.lines[r]), field=name,
+                                       hint="fix the value or pass --on-bad-rows skip")
+            return
+        where = "" if name is None else f", field {name!r}"
+        self.bad.add(int(rows.size), [(self.lines[r], f"line {self.lines[r]}{where}: {message(int(r))}")
                                       for r in rows[:MAX_EXAMPLES]])
+
+    def blank(self, raw: pa.Table) -> None:
+        """Flag blank lines: the parser reads them as rows whose every column is null (as is a row of only
+        delimiters). Free (null counts only) for the usual file, where some column has no null."""
+        if raw.num_columns == 0 or any(col.null_count == 0 for col in raw.columns):
+            return
+        mask = np.ones(raw.num_rows, dtype=bool)
+        for col in raw.columns:
+            mask &= pc.is_null(col).to_numpy(zero_copy_only=False)
+        self.flag(mask, None, lambda r: "blank line (no values)")
 
     def text(self, arr: pa.Array, name: str) -> pa.Array:
         """binary -> string, flagging invalid UTF-8 and NUL bytes."""
@@ -243,15 +360,20 @@ class Validator:
                 arr = pc.if_else(pa.array(mask), pa.scalar(None, arr.type), arr)
             arr = pc.cast(arr, pa.string())
         elif not pa.types.is_string(arr.type) and not pa.types.is_large_string(arr.type):
-            arr = pc.cast(arr, pa.string())
+            try:
+                arr = pc.cast(arr, pa.string())
+            except (pa.ArrowInvalid, pa.ArrowNotImplementedError):  # list, struct, map... (Parquet)
+                raise DataError(f"a column of type {arr.type} cannot be read as text or numbers", path=self.path,
+                                field=name, hint="convert the column (e.g. join a list into one string for a "
+                                "multi field)") from None
         nul = pc.fill_null(pc.match_substring(arr, "\x00"), False).to_numpy(zero_copy_only=False)
         self.flag(nul, name, lambda r: "contains a NUL byte")
         return arr
 
     def number(self, arr: pa.Array, name: str) -> pa.Array:
         """text -> float64 (null stays null), flagging non-numeric text and NaN/inf."""
-        if pa.types.is_floating(arr.type) or pa.types.is_integer(arr.type):
-            arr = pc.cast(arr, pa.float64())
+        if pa.types.is_floating(arr.type) or pa.types.is_integer(arr.type) or pa.types.is_boolean(arr.type):
+            arr = pc.cast(arr, pa.float64(), safe=False)  # |int| > 2**53 rounds (a safe cast refuses it)
         else:
             arr = self.text(arr, name)
             try:  # fast path: plain numbers cast directly; anything else (spaces, text) takes the checks
@@ -263,7 +385,7 @@ class Validator:
         if int(finite.size - np.count_nonzero(finite)) == arr.null_count:
             return arr  # the only non-finite values are the nulls
         nonfinite = ~finite & ~np.asarray(pc.is_null(arr).to_numpy(zero_copy_only=False))
-        self.flag(nonfinite, name, lambda r: f"non-finite value {vals[r]!r}")
+        self.flag(nonfinite, name, lambda r: f"non-finite value {float(vals[r])}")
         return pc.if_else(pa.array(nonfinite), pa.scalar(None, pa.float64()), arr)
 
     def _number_slow(self, arr: pa.Array, name: str) -> pa.Array:
@@ -280,18 +402,18 @@ class Validator:
     def label(self, arr: pa.Array, name: str, negatives: tuple[float, ...]) -> np.ndarray:
         vals = self.number(arr, name).to_numpy(zero_copy_only=False)
         allowed = np.isin(vals, (*negatives, 1.0))
-        want = "/".join(str(int(v)) for v in (1.0, *negatives))
-        self.flag(~allowed, name, lambda r: f"label must be {want}, got {vals[r]!r}")
+        want = "/".join(str(int(v)) for v in dict.fromkeys((1.0, *negatives)))
+        self.flag(~allowed, name, lambda r: f"label must be {want}, got "
+                  + ("nothing (empty)" if np.isnan(vals[r]) else f"{float(vals[r]):g}"))
         return (vals == 1.0).astype(np.float32)
 
     def finish(self, columns: dict[str, pa.Array], label: np.ndarray | None) -> tuple[pa.Table, np.ndarray | None]:
+        if self.first is not None:
+            raise self.first
         table = pa.table(columns)
         if self.keep.all():
             return table, label
-        idx = pa.array(np.flatnonzero(self.keep))
-        table = table.take(idx)
-        if table.num_rows == 0:
-            raise DataError("every row was bad and skipped; nothing left to read", path=self.path)
+        table = table.take(pa.array(np.flatnonzero(self.keep)))  # may be empty: callers check the whole file
         return table, None if label is None else label[self.keep]
 
 
@@ -375,7 +497,7 @@ def avazu_schema(min_count: int = 2) -> Schema:
 def plan_avazu(path: Path, schema: Schema | None) -> Plan:
     first = _first_line(path).split(",")
     header = first[0].strip() == "id"
-    names = [c.strip() for c in first] if header else (AVAZU_NAMES if len(first) == 24 else
+    names = _header(path, [c.strip() for c in first]) if header else (AVAZU_NAMES if len(first) == 24 else
                                                        [n for n in AVAZU_NAMES if n != "click"])
     if not header and len(first) not in (23, 24):
         raise DataError(f"an Avazu row has 24 columns (23 without 'click'); found {len(first)}",
@@ -392,7 +514,10 @@ def _typed_avazu(raw: pa.Table, v: Validator, schema: Schema) -> tuple[pa.Table,
         hour = pc.if_else(pa.array(ok), hour, pa.scalar("14102100"))
         day = pc.strptime(pc.binary_join_element_wise("20", pc.utf8_slice_codeunits(hour, 0, 6), ""),
                           format="%Y%m%d", unit="s", error_is_null=True)
-        raw = raw.append_column("hour_of_day", pc.utf8_slice_codeunits(hour, 6, 8))
+        hh = pc.utf8_slice_codeunits(hour, 6, 8)
+        real = pc.and_(pc.is_valid(day), pc.less(hh, "24")).to_numpy(zero_copy_only=False)
+        v.flag(~real, "hour", lambda r: f"hour {hour[r].as_py()!r} is not a valid date and hour (YYMMDDHH)")
+        raw = raw.append_column("hour_of_day", hh)
         raw = raw.append_column("weekday", pc.cast(pc.day_of_week(day), pa.string()))
     return typed_columns(raw, schema, v, "click" if "click" in raw.column_names else None)
 
@@ -422,7 +547,7 @@ def _typed_libfm(raw: pa.Table, v: Validator, schema: Schema) -> tuple[pa.Table,
     for name in raw.column_names[1:]:
         tok = v.text(raw.column(name).combine_chunks(), name)
         parts = pc.split_pattern(tok, ":", max_splits=1)
-        ok = pc.fill_null(pc.equal(pc.list_value_length(parts), 2), False).to_numpy(zero_copy_only=False)
+        ok = pc.fill_null(pc.match_substring_regex(tok, "^[^:]+:"), False).to_numpy(zero_copy_only=False)
         parts = pc.if_else(pa.array(ok), parts, pa.scalar(["", "1"], parts.type))  # bad tokens: flagged below
         val = pc.list_element(parts, 1)
         one = pc.fill_null(pc.match_substring_regex(val, r"^1(\.0*)?$"), False).to_numpy(zero_copy_only=False)
@@ -440,9 +565,9 @@ def movielens_schema(min_count: int = 1) -> Schema:
     return Schema(fields=tuple(fields), label="label")
 
 
-def _read_atomic(path: Path, on_bad_rows: str, bad: BadRows) -> tuple[pa.Table, np.ndarray]:
+def _read_atomic(path: Path, on_bad_rows: str, bad: BadRows) -> tuple[pa.Table, np.ndarray, DataError | None]:
     header = _first_line(path).split("\t")
-    names = [h.split(":")[0] for h in header]
+    names = _header(path, [h.split(":")[0] for h in header])
     return read_delimited(path, names, "\t", True, on_bad_rows, bad)
 
 
@@ -457,13 +582,16 @@ def read_movielens(path: Path, schema: Schema | None, on_bad_rows: str, bad: Bad
             raise DataError("no .inter file in this folder", path=str(path))
         path = inters[0]
     stem = path.with_suffix("")
-    inter, lines = _read_atomic(path, on_bad_rows, bad)
-    v = Validator(path, lines, on_bad_rows, bad)
+    inter, lines, pending = _read_atomic(path, on_bad_rows, bad)
+    _require(path, ["user_id", "item_id"], inter.column_names)
+    v = Validator(path, lines, on_bad_rows, bad, pending)
+    v.blank(inter)
     rating = v.number(inter.column("rating").combine_chunks(), "rating") if "rating" in inter.column_names else None
     cols = {c: v.text(inter.column(c).combine_chunks(), c) for c in ("user_id", "item_id")}
     keep = np.ones(inter.num_rows, dtype=bool)
     if rating is not None:
         r = rating.to_numpy(zero_copy_only=False)
+        v.flag(np.isnan(r), "rating", lambda i: "rating is missing")
         keep = r != 3
         cols["label"] = pa.array(np.where(r >= 4, 1.0, 0.0))
     table = pa.table(cols)
@@ -472,22 +600,41 @@ def read_movielens(path: Path, schema: Schema | None, on_bad_rows: str, bad: Bad
     for side, key in ((".user", "user_id"), (".item", "item_id")):
         side_path = stem.with_suffix(side)
         if side_path.exists():
-            side_raw, side_lines = _read_atomic(side_path, on_bad_rows, bad)
-            sv = Validator(side_path, side_lines, on_bad_rows, bad)
+            side_raw, side_lines, side_pending = _read_atomic(side_path, on_bad_rows, bad)
+            _require(side_path, [key], side_raw.column_names)
+            sv = Validator(side_path, side_lines, on_bad_rows, bad, side_pending)
+            sv.blank(side_raw)
             side_cols = {c: sv.text(side_raw.column(c).combine_chunks(), c) for c in side_raw.column_names}
             side_tab, _ = sv.finish(side_cols, None)
+            _unique_key(side_path, side_tab, key, side_lines[sv.keep])
             table = table.append_column("__row", pa.array(np.arange(table.num_rows)))
             table = table.join(side_tab, key, join_type="left outer").sort_by("__row").drop_columns("__row")
     schema = schema or movielens_schema()
     out, label = typed_columns(table, schema, v, "label" if rating is not None else None)
+    if out.num_rows == 0:
+        raise _no_rows(path, bad)
     return ReadResult(out, label, schema, str(path), bad)
+
+
+def _unique_key(path: Path, table: pa.Table, key: str, lines: np.ndarray) -> None:
+    """A side file (.user/.item) must list each id once: the join would repeat interactions otherwise."""
+    col = table.column(key).combine_chunks()
+    if pc.count_distinct(col).as_py() == len(col) - col.null_count:  # null ids match nothing in the join
+        return
+    counts = pc.value_counts(col)
+    twice = pc.drop_null(counts.field("values").filter(pc.greater(counts.field("counts"), 1)))
+    rows = np.flatnonzero(pc.fill_null(pc.is_in(col, value_set=twice), False).to_numpy(zero_copy_only=False))
+    _, first = np.unique(col.take(pa.array(rows)).to_numpy(zero_copy_only=False), return_index=True)
+    dup = int(rows[np.setdiff1d(np.arange(rows.size), first)[0]])  # the earliest row repeating an id
+    raise DataError(f"{key} {col[dup].as_py()!r} is listed more than once", path=str(path), line=int(lines[dup]),
+                    field=key, hint="keep one row per id")
 
 
 def plan_table(path: Path, schema: Schema | None, fmt: str) -> Plan:
     """Generic CSV/TSV with a header, described by a schema file."""
     schema = _need_schema(path, schema, fmt)
     delim = "\t" if fmt == "tsv" or path.name.endswith((".tsv", ".tsv.gz")) else ","
-    header = [h.strip() for h in _first_line(path).split(delim)]
+    header = _header(path, [h.strip() for h in _first_line(path).split(delim)])
     negatives = (0.0, float(schema.negative_label))
     return Plan(header, delim, True, schema, lambda raw, v: typed_columns(raw, schema, v, schema.label, negatives),
                 quote=True)
@@ -532,9 +679,13 @@ def _check(path: str | Path, fmt: str, on_bad_rows: str) -> Path:
         raise DataError(f"unknown format {fmt!r} (expected one of {', '.join(FORMATS)})", path=str(path))
     if on_bad_rows not in ("error", "skip"):
         raise DataError(f"on_bad_rows must be 'error' or 'skip', got {on_bad_rows!r}")
-    if not path.exists():
+    try:
+        exists, is_dir = path.exists(), path.is_dir()
+    except (OSError, ValueError) as e:  # e.g. a name too long for the file system
+        raise DataError(f"cannot open: {e}", path=str(path)[:200]) from None
+    if not exists:
         raise DataError("no such file or folder", path=str(path))
-    if fmt != "movielens" and path.is_dir():
+    if fmt != "movielens" and is_dir:
         raise DataError("expected a file, got a folder", path=str(path))
     return path
 
@@ -570,11 +721,17 @@ def read(
             raise DataError(f"cannot read Parquet: {e}", path=str(path)) from None
         if raw.num_rows == 0:
             raise DataError("no data rows", path=str(path))
-        return _typed_parquet(raw, path, schema, 1, on_bad_rows, bad)
-    pl = plan(path, fmt, schema)
-    raw, lines = read_delimited(path, pl.names, pl.delimiter, pl.header, on_bad_rows, bad, quote=pl.quote)
-    table, label = pl.typed(raw, Validator(path, lines, on_bad_rows, bad))
-    return ReadResult(table, label, pl.schema, str(path), bad)
+        res = _typed_parquet(raw, path, schema, 1, on_bad_rows, bad)
+    else:
+        pl = plan(path, fmt, schema)
+        raw, lines, pending = read_delimited(path, pl.names, pl.delimiter, pl.header, on_bad_rows, bad, pl.quote)
+        v = Validator(path, lines, on_bad_rows, bad, pending)
+        v.blank(raw)
+        table, label = pl.typed(raw, v)
+        res = ReadResult(table, label, pl.schema, str(path), bad)
+    if res.rows == 0:
+        raise _no_rows(path, bad)
+    return res
 
 
 def iter_read(
@@ -597,28 +754,38 @@ def iter_read(
         schema = _need_schema(path, schema, fmt)
         pf, wanted = _parquet(path, schema)
         _require(path, columns, pf.schema_arrow.names)
-        done = 0
+        done = kept = 0
         try:
             for batch in pf.iter_batches(batch_size=block_rows, columns=list(dict.fromkeys(wanted + columns))):
                 raw = pa.Table.from_batches([batch])
                 res = _typed_parquet(raw.select(wanted), path, schema, done + 1, on_bad_rows, bad)
-                yield _with_extra(res, raw, columns, path)
-                done += raw.num_rows
+                done, kept = done + raw.num_rows, kept + res.rows
+                if res.rows:
+                    yield _with_extra(res, raw, columns, path)
         except (pa.ArrowInvalid, OSError) as e:
             raise DataError(f"cannot read Parquet: {e}", path=str(path)) from None
         if done == 0:
             raise DataError("no data rows", path=str(path))
+        if kept == 0:
+            raise _no_rows(path, bad)
         return
     pl = plan(path, fmt, schema)
     _require(path, columns, pl.names)
-    for raw, lines in iter_delimited(path, pl.names, pl.delimiter, pl.header, on_bad_rows, bad, pl.quote,
-                                     block_bytes):
-        v = Validator(path, lines, on_bad_rows, bad)
+    kept = 0
+    for raw, lines, pending in iter_delimited(path, pl.names, pl.delimiter, pl.header, on_bad_rows, bad, pl.quote,
+                                              block_bytes):
+        v = Validator(path, lines, on_bad_rows, bad, pending)
+        v.blank(raw)
         table, label = pl.typed(raw, v)
+        if table.num_rows == 0:
+            continue  # a block of only bad rows (skipped): the file may go on
+        kept += table.num_rows
         res = ReadResult(table, label, pl.schema, str(path), bad)
         for c in columns:  # rows dropped by the validator are dropped from the passthrough too
             res.extra[c] = pc.cast(raw.column(c).combine_chunks(), pa.string()).filter(pa.array(v.keep))
         yield res
+    if kept == 0:
+        raise _no_rows(path, bad)
 
 
 def _require(path: Path, columns: list[str], present: list[str]) -> None:

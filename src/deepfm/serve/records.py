@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import math
 import re
+import sys
 from typing import Any
 
 import numpy as np
@@ -27,6 +28,9 @@ from deepfm.schema import MISSING, N_RESERVED, OOV, Field
 
 _NUMBER = re.compile(NUMERIC_RE)
 _MASK64 = (1 << 64) - 1
+# -_MAX <= x <= _MAX: a finite float, or an int that converts to one (for a larger int, such as the JSON literal
+# 1e400 written out in digits, math.isfinite and float() raise OverflowError)
+_MAX = sys.float_info.max
 
 
 class RecordError(DeepFMError):
@@ -39,9 +43,10 @@ class RecordError(DeepFMError):
 
 
 def fnv1a64_str(s: str) -> int:
-    """FNV-1a 64 of the UTF-8 bytes (the same hash as ``preprocess.fnv1a64``)."""
+    """FNV-1a 64 of the UTF-8 bytes (the same hash as ``preprocess.fnv1a64``; a lone surrogate, which JSON
+    allows and Arrow text never holds, is hashed as its surrogatepass bytes)."""
     h, prime = int(FNV_OFFSET), int(FNV_PRIME)
-    for b in s.encode():
+    for b in s.encode("utf-8", "surrogatepass"):
         h = ((h ^ b) * prime) & _MASK64
     return h
 
@@ -66,6 +71,8 @@ def _number(v: Any, row: int, name: str) -> float:
     if isinstance(v, bool):
         raise RecordError(row, name, f"expected a number, got a boolean {v!r}")
     if isinstance(v, (int, float)):
+        if not -_MAX <= v <= _MAX:  # NaN, inf, or an integer beyond float range
+            raise RecordError(row, name, f"non-finite or out-of-range value {v!r:.40}")
         x = float(v)
     elif isinstance(v, str):
         if not v.strip():
@@ -173,7 +180,7 @@ class RecordEncoder:
             for src, f in num_plan:
                 v = get(src)
                 t = type(v)
-                x = float(v) if (t is float or t is int) and math.isfinite(v) else _number(v, r, f.name)
+                x = float(v) if (t is float or t is int) and -_MAX <= v <= _MAX else _number(v, r, f.name)
                 xs.append(x)
                 ids.append(1 if x != x else 0)  # NaN = missing: the field's missing vector (index 1)
         idx = np.array(ids, dtype=np.int64).reshape(n, c + k)
@@ -181,12 +188,18 @@ class RecordEncoder:
         if k:
             x = np.array(xs, dtype=np.float64).reshape(n, k)
             t = val[:, c:]
-            if len(self._num_groups) == 1:  # one transform for all numeric fields (e.g. Criteo's 13 logs)
-                cols, f = self._num_groups[0]
-                t[:] = _numeric_transform(x, f, self.pre.states[f.name])
-            else:
-                for cols, f in self._num_groups:
-                    t[:, cols] = _numeric_transform(x[:, cols], f, self.pre.states[f.name])
+            with np.errstate(over="ignore"):  # beyond float32 once transformed: a RecordError below
+                if len(self._num_groups) == 1:  # one transform for all numeric fields (e.g. Criteo's 13 logs)
+                    cols, f = self._num_groups[0]
+                    t[:] = _numeric_transform(x, f, self.pre.states[f.name])
+                else:
+                    for cols, f in self._num_groups:
+                        t[:, cols] = _numeric_transform(x[:, cols], f, self.pre.states[f.name])
+            if np.isinf(t).any():  # e.g. 1e300: the model would score NaN
+                r, j = (int(i) for i in np.argwhere(np.isinf(t))[0])
+                f = self.num[j]
+                raise RecordError(r, f.name, f"{x[r, j]:.6g} is out of range: beyond float32 after the "
+                                  f"{f.transform} transform")
             np.copyto(t, np.float32(1.0), where=np.isnan(t))
         if not self.multi:
             return idx, val

@@ -30,7 +30,6 @@ from typing import Annotated, Any
 import numpy as np
 
 from deepfm import __version__
-from deepfm.errors import DeepFMError
 from deepfm.serve.predictor import Predictor
 from deepfm.serve.records import RecordError
 from deepfm.train.trainer import sigmoid
@@ -167,16 +166,21 @@ class _Front:
         if length is not None and (not length.isdigit() or int(length) > self.limit):
             await _send(send, 413, _detail(f"request body over the limit of {self.limit} bytes"))
             return
-        seen = 0
+        seen, too_large = 0, False
 
         async def limited() -> dict:
-            nonlocal seen
+            nonlocal seen, too_large
             msg = await receive()
             if msg["type"] == "http.request":
                 seen += len(msg.get("body", b""))
                 if seen > self.limit:
+                    too_large = True
                     raise _TooLarge()
             return msg
+
+        async def unless_too_large(msg: dict) -> None:
+            if not too_large:  # FastAPI answers a body it could not read with a 400: ours is the 413 below
+                await send(msg)
 
         try:
             if scope["path"] == "/v1/predict" and scope["method"] == "POST":
@@ -190,8 +194,10 @@ class _Front:
                         break
                 await _send(send, *await self.predict(b"".join(chunks)))
             else:
-                await self.app(scope, limited, send)
+                await self.app(scope, limited, unless_too_large)
         except _TooLarge:
+            pass
+        if too_large:
             await _send(send, 413, _detail(f"request body over the limit of {self.limit} bytes"))
 
 
@@ -300,7 +306,7 @@ def create_app(cfg: ServeConfig, predictor: Predictor | None = None) -> Any:
     async def _safe_reload(path: str, generation: int | None = None) -> None:
         try:
             await reload(path, generation)
-        except DeepFMError as exc:
+        except Exception as exc:  # whatever the bundle holds, keep serving (and following)
             log.error("reload failed, still serving the previous bundle: %s", exc)
 
     async def handle_predict(body: bytes) -> tuple[int, bytes]:
@@ -332,6 +338,9 @@ def create_app(cfg: ServeConfig, predictor: Predictor | None = None) -> Any:
             p = await asyncio.wait_for(batcher.submit(pred, idx, val), cfg.timeout_s)
         except asyncio.TimeoutError:
             return 503, json.dumps({"detail": f"prediction took over {cfg.timeout_s} s; retry later"}).encode()
+        if not np.isfinite(p).all():  # values in range that the model still overflows on: NaN is not JSON
+            return _error(422, ["body", "rows", int(np.flatnonzero(~np.isfinite(p))[0])],
+                          "the model's score is not finite: values too large for this model", "value_error")
         return 200, json.dumps({"probabilities": p.tolist(), "model": pred.model_info}, separators=(",", ":")).encode()
 
     app = FastAPI(title="deepfm", version=__version__, lifespan=lifespan,
@@ -372,25 +381,42 @@ def create_app(cfg: ServeConfig, predictor: Predictor | None = None) -> Any:
                 "metrics": _finite(b.metrics), "limits": {"max_rows": cfg.max_rows,
                                                           "max_body_bytes": cfg.max_body_bytes}}
 
-    @app.post("/admin/reload", responses={401: {"description": "Bad token"}, 404: {"description": "Disabled"}})
+    @app.post("/admin/reload", responses={400: {"description": "Body unreadable (not UTF-8, nested too deeply)"},
+                                          401: {"description": "Bad token"}, 404: {"description": "Disabled"},
+                                          413: {"description": "Body too large"}})
     async def admin_reload(body: ReloadRequest | None = Body(None),
                            authorization: str | None = Header(None)) -> dict[str, Any]:
         if not cfg.admin_token:
             raise HTTPException(404, "Not Found")
         import hmac
 
-        if not authorization or not hmac.compare_digest(authorization, f"Bearer {cfg.admin_token}"):
+        # as bytes: compare_digest rejects non-ASCII str, and a header holds any latin-1 text
+        want = f"Bearer {cfg.admin_token}".encode("utf-8", "surrogateescape")
+        if not authorization or not hmac.compare_digest(authorization.encode("latin-1"), want):
             raise HTTPException(401, "missing or wrong bearer token")
         path = (body.bundle if body and body.bundle else None) or state["bundle"]
-        if not Path(path).is_dir():
-            raise HTTPException(422, f"{path}: no such bundle folder")
+        if not path.isprintable() or not _is_dir(path):  # no NUL, control or lone surrogate characters
+            raise HTTPException(422, _bundle_error(f"{path!r}: no such bundle folder"))
         try:
             p = await reload(path)
-        except DeepFMError as e:
-            raise HTTPException(422, f"reload failed, still serving the previous bundle: {e}") from None
+        except Exception as e:  # a malformed or unreadable folder must not break the server
+            raise HTTPException(422, _bundle_error(f"reload failed, still serving the previous bundle: {e}")) from None
         return {"status": "reloaded", "model": p.model_info, "bundle": path}
 
     return _Front(app, cfg.max_body_bytes, handle_predict)
+
+
+def _bundle_error(msg: str) -> list[dict[str, Any]]:
+    """A 422 detail for /admin/reload in FastAPI's (documented) validation error shape."""
+    return [{"loc": ["body", "bundle"], "msg": msg, "type": "value_error"}]
+
+
+def _is_dir(path: str) -> bool:
+    """Path.is_dir, and False where the path cannot even be looked at (a name too long, no permission)."""
+    try:
+        return Path(path).is_dir()
+    except OSError:
+        return False
 
 
 def _example_rows(p: Predictor) -> list[dict[str, Any]]:
