@@ -150,7 +150,8 @@ class _InvalidRows:
         lines = np.arange(first + start_row, first + start_row + n, dtype=np.int64)
         if self.bad_lines.size:
             lines += np.searchsorted(self.bad_lines - np.arange(self.bad_lines.size), lines, side="right")
-        k = len(self.queue) if last else int(np.searchsorted([t[0] or 0 for t in self.queue], lines[-1], "right"))
+        k = len(self.queue) if last or n == 0 else int(np.searchsorted([t[0] or 0 for t in self.queue], lines[-1],
+                                                                             "right"))
         due, self.queue = self.queue[:k], self.queue[k:]
         nums = np.array([t[0] or 0 for t in due], dtype=np.int64)
         if self.quote:
