@@ -703,3 +703,11 @@ def test_schema_load_raises_only_schema_errors(scratch, doc, as_json, noise, raw
         S.load(path)
     except SchemaError as e:
         assert str(path) in str(e)
+
+
+def test_quoted_csv_header_names(tmp_path):
+    """pyarrow and pandas may quote header names ("y","c"): they are the names y and c."""
+    p = write(tmp_path / "q.csv", '"y","c"\n1,"a"\n0,"b"\n')
+    s = Schema(fields=(Field("c"),), label="y")
+    for res in (readers.read(p, "csv", s), next(readers.iter_read(p, "csv", s))):
+        assert res.table.column("c").to_pylist() == ["a", "b"] and res.label.tolist() == [1.0, 0.0]

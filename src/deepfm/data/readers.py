@@ -635,7 +635,10 @@ def plan_table(path: Path, schema: Schema | None, fmt: str) -> Plan:
     """Generic CSV/TSV with a header, described by a schema file."""
     schema = _need_schema(path, schema, fmt)
     delim = "\t" if fmt == "tsv" or path.name.endswith((".tsv", ".tsv.gz")) else ","
-    header = _header(path, [h.strip() for h in _first_line(path).split(delim)])
+    import csv
+
+    # the header as a CSV row: quoted names ("y","c", as pyarrow and pandas may write them) lose their quotes
+    header = _header(path, [h.strip() for h in next(csv.reader([_first_line(path)], delimiter=delim))])
     negatives = (0.0, float(schema.negative_label))
     return Plan(header, delim, True, schema, lambda raw, v: typed_columns(raw, schema, v, schema.label, negatives),
                 quote=True)
