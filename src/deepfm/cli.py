@@ -11,6 +11,7 @@ from typing import Any
 import click
 
 from deepfm.errors import DeepFMError
+from deepfm.models.ctr import MODEL_NAMES
 
 FORMATS = ("criteo", "avazu", "libfm", "movielens", "csv", "tsv", "parquet")
 
@@ -72,8 +73,9 @@ def main() -> None:
 @click.option("--test", "test_path", type=click.Path(exists=True), help="Optional test data scored at the end.")
 @click.option("--schema", "schema_path", type=click.Path(exists=True), help="Feature schema (YAML/JSON).")
 @click.option("--out", required=True, type=click.Path(), help="Output bundle folder.")
-@click.option("--model", type=click.Choice(["deepfm", "fm", "lr", "dnn"]), default=None,
-              help="Model (default: the preset's, deepfm).")
+@click.option("--model", type=click.Choice(list(MODEL_NAMES)), default=None,
+              help="Model (default: the preset's, deepfm): the paper's Table 2 baselines lr, fm, fnn, ipnn, opnn, "
+                   "pnnstar, wdl (LR&DNN), fmdnn (FM&DNN), and dnn.")
 @click.option("--preset", default="default", show_default=True, help="paper, bars, default, or a YAML file.")
 @click.option("--set", "overrides", multiple=True, metavar="SECTION.KEY=VALUE",
               help="Override a preset option, e.g. --set model.dropout=0.2 --set train.lr=0.0005.")

@@ -110,10 +110,9 @@ def warm_start(model: CTRModel, parent: CTRModel) -> dict[str, int]:
         raise DeepFMError("--init-from: the model configuration differs from the bundle's")
     copied = new = 0
     with torch.no_grad():
-        for name in ("w", "v"):
-            dst, src = getattr(model, name), getattr(parent, name)
-            if dst is None:
-                continue
+        tables = model.tables()
+        for name, dst in tables.items():
+            src = getattr(parent, name)
             d_start = np.r_[0, np.cumsum(dst.sizes)[:-1]]
             s_start = np.r_[0, np.cumsum(src.sizes)[:-1]]
             for i, (n_dst, n_src) in enumerate(zip(dst.sizes, src.sizes, strict=True)):
@@ -122,7 +121,7 @@ def warm_start(model: CTRModel, parent: CTRModel) -> dict[str, int]:
                 dst.weight[d_start[i]: d_start[i] + n_src] = src.weight[s_start[i]: s_start[i] + n_src]
                 if name == "v":
                     copied, new = copied + n_src, new + n_dst - n_src
-        rest = {k: v for k, v in parent.state_dict().items() if not k.startswith(("w.", "v."))}
+        rest = {k: v for k, v in parent.state_dict().items() if k.split(".")[0] not in tables}
         model.load_state_dict(rest, strict=False)
     return {"rows_copied": copied, "rows_new": new}
 

@@ -1,4 +1,4 @@
-"""DeepFM and the baselines that share its blocks (LR, FM, DNN), as one class with switches.
+"""DeepFM and the baselines that share its blocks (LR, FM, DNN, LR&DNN), as one class with switches.
 
     y_hat = sigmoid(b + y_first_order + y_FM + y_DNN)                 (Guo et al. 2017, eq. 1)
 
@@ -6,6 +6,9 @@
 - FM:          pairwise <x_i v_i, x_j v_j> over ALL fields, numeric ones as value x vector (eq. 2);
 - DNN:         an MLP over the concatenated field embeddings x_i v_i (eq. 3-4);
 - the embeddings ``v`` are ONE table shared by the FM and the DNN (the paper's key point).
+
+The other baselines of the paper's Table 2 (FNN, IPNN, OPNN, PNN*, FM&DNN) are subclasses in
+models/baselines.py; ``build_model`` builds any of them by name (``MODEL_NAMES``).
 """
 
 from __future__ import annotations
@@ -19,9 +22,17 @@ from torch import nn
 from deepfm.data.store import FieldSpec
 from deepfm.models.layers import MLP, FastDropout, FusedTable, fm_second_order
 
-# name -> (first order, FM second order, DNN)
+# name -> (first order, FM second order, DNN) for the kinds CTRModel itself computes; "wdl" is the paper's
+# LR&DNN (Wide & Deep with the wide part on the raw features only: b + first order + DNN)
 MODELS = {"lr": (True, False, False), "fm": (True, True, False), "deepfm": (True, True, True),
-          "dnn": (False, False, True)}
+          "dnn": (False, False, True), "wdl": (True, False, True)}
+# the kinds built by models/baselines.py (FNN, the three PNNs, FM&DNN)
+BASELINES = ("fnn", "ipnn", "opnn", "pnnstar", "fmdnn")
+MODEL_NAMES = (*MODELS, *BASELINES)
+# Per-model defaults for options a config leaves unset (None). The DeepFM paper (Sec. 3.1, "Parameter
+# Settings") follows Qu et al. 2016: "tanh for IPNN, relu for other deep models". An explicit value wins.
+DEFAULTS: dict[str, Any] = {"activation": "relu"}
+MODEL_DEFAULTS: dict[str, dict[str, Any]] = {"ipnn": {"activation": "tanh"}}
 
 
 @dataclass
@@ -31,8 +42,8 @@ class ModelConfig:
     hidden: list[int] = field(default_factory=lambda: [400, 400, 400])
     dropout: float = 0.5
     batch_norm: bool = False
-    activation: str = "relu"
-    embedding_l2: float = 0.0  # L2 on the embedding rows used in each batch (v and w)
+    activation: str | None = None  # None: the model's default (MODEL_DEFAULTS; relu but for ipnn)
+    embedding_l2: float = 0.0  # L2 on the table rows used in each batch (every table: w, v, fmdnn's v_dnn)
     net_l2: float = 0.0  # L2 (Adam weight decay) on the DNN weights
     init_std: float = 1e-4
 
@@ -43,9 +54,14 @@ class ModelConfig:
         if bad:
             raise ValueError(f"unknown model option(s) {sorted(bad)}; allowed: {sorted(known)}")
         cfg = cls(**d)
-        if cfg.model not in MODELS:
-            raise ValueError(f"unknown model {cfg.model!r} (expected one of {', '.join(MODELS)})")
+        if cfg.model not in MODEL_NAMES:
+            raise ValueError(f"unknown model {cfg.model!r} (expected one of {', '.join(MODEL_NAMES)})")
         return cfg
+
+    def __post_init__(self) -> None:
+        for key, value in {**DEFAULTS, **MODEL_DEFAULTS.get(self.model, {})}.items():
+            if getattr(self, key) is None:
+                setattr(self, key, value)
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -57,12 +73,27 @@ class CTRModel(nn.Module):
     def __init__(self, fields: list[FieldSpec], cfg: ModelConfig) -> None:
         super().__init__()
         self.cfg = cfg
-        self.use_first, self.use_fm, self.use_dnn = MODELS[cfg.model]
+        self.use_first, self.use_fm, self.use_dnn = self.blocks(cfg)
         self.bias = nn.Parameter(torch.zeros(1))
         self.w = FusedTable(fields, 1, std=0.0) if self.use_first else None
         self.v = FusedTable(fields, cfg.embed_dim, std=cfg.init_std) if (self.use_fm or self.use_dnn) else None
-        self.dnn = (MLP(len(fields) * cfg.embed_dim, cfg.hidden, cfg.dropout, cfg.batch_norm, cfg.activation)
+        self.dnn = (MLP(self.dnn_width(fields), cfg.hidden, cfg.dropout, cfg.batch_norm, cfg.activation)
                     if self.use_dnn else None)
+
+    def blocks(self, cfg: ModelConfig) -> tuple[bool, bool, bool]:
+        """(first-order table ``w``, FM term, MLP ``dnn``) of this model kind (``v`` exists with FM or DNN)."""
+        if cfg.model not in MODELS:
+            raise ValueError(f"CTRModel computes {', '.join(MODELS)}; build {cfg.model!r} with build_model")
+        return MODELS[cfg.model]
+
+    def dnn_width(self, fields: list[FieldSpec]) -> int:
+        """Input width of the MLP: the F field embeddings of size K, concatenated."""
+        return len(fields) * self.cfg.embed_dim
+
+    def tables(self) -> dict[str, FusedTable]:
+        """Every fused table of the model by attribute name (``w``, ``v``, and any a subclass adds), in
+        registration order: what the sparse update and ``embedding_penalty`` must cover."""
+        return {name: m for name, m in self.named_children() if isinstance(m, FusedTable)}
 
     def forward(self, idx: torch.Tensor, val: torch.Tensor) -> torch.Tensor:
         logit = self.bias.expand(idx.shape[0])
@@ -96,11 +127,17 @@ class CTRModel(nn.Module):
         """Sum of squares of the table rows this batch uses (so the cost scales with the batch, not the
         vocabulary), divided by the batch size; multiply by ``embedding_l2``."""
         total = self.bias.new_zeros(())
-        for table in (self.w, self.v):
-            if table is not None:
-                total = total + table.rows(idx).pow(2).sum()
+        for table in self.tables().values():
+            total = total + table.rows(idx).pow(2).sum()
         return total / idx.shape[0]
 
 
 def build_model(fields: list[FieldSpec], cfg: ModelConfig) -> CTRModel:
-    return CTRModel(fields, cfg)
+    """Any model of ``MODEL_NAMES`` by ``cfg.model``."""
+    if cfg.model in MODELS:
+        return CTRModel(fields, cfg)
+    from deepfm.models.baselines import BASELINE_CLASSES
+
+    if cfg.model not in BASELINE_CLASSES:
+        raise ValueError(f"unknown model {cfg.model!r} (expected one of {', '.join(MODEL_NAMES)})")
+    return BASELINE_CLASSES[cfg.model](fields, cfg)

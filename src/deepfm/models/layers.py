@@ -60,6 +60,27 @@ def fm_second_order(e: torch.Tensor) -> torch.Tensor:
     return 0.5 * (square_of_sum - sum_of_square).sum(dim=1)
 
 
+class InnerProducts(nn.Module):
+    """[B, F, K] -> [B, F(F-1)/2]: <e_i, e_j> for every pair i < j, in row-major pair order (0,1), (0,2), ...,
+    (1,2), ... (the inner product layer of IPNN, Qu et al. 2016; no parameters). Computed as the Gram matrix
+    ``e e^T`` [B, F, F] and its strict upper triangle."""
+
+    def __init__(self, n_fields: int) -> None:
+        super().__init__()
+        i, j = torch.triu_indices(n_fields, n_fields, offset=1)
+        self.register_buffer("pairs", i * n_fields + j, persistent=False)  # flat (i, j) positions in e e^T
+
+    def forward(self, e: torch.Tensor) -> torch.Tensor:
+        return torch.bmm(e, e.transpose(1, 2)).flatten(1).index_select(1, self.pairs)
+
+
+def outer_product_sum(e: torch.Tensor) -> torch.Tensor:
+    """[B, F, K] -> [B, K*K]: sum_i sum_j e_i e_j^T = f f^T with f = sum_i e_i, flattened row-major (the
+    outer product layer of OPNN with Qu et al.'s sum-pooling ("superposition") trick)."""
+    f = e.sum(dim=1)
+    return (f.unsqueeze(2) * f.unsqueeze(1)).flatten(1)
+
+
 class FastDropout(nn.Module):
     """Inverted dropout (keep with probability 1 - p, scale by 1 / (1 - p)), as ``nn.Dropout``, with masks
     drawn as uint16 by numpy's PCG64 (four per raw 64-bit draw; over 10x cheaper than torch's CPU

@@ -7,7 +7,10 @@ float32 (see data.store.Batcher), with a dynamic batch axis, and returns ``logit
 It is traced from :class:`_ExportForward`, which evaluates the same equations as ``CTRModel.forward`` from the
 model's parameters with ops every exporter and runtime handles: a plain ``Gather`` for the table rows (the
 training path's custom autograd gather is not exportable) and, for multi-valued fields, a MatMul with a
-fixed [F, S] 0/1 pooling matrix instead of ``index_add_``. The training code is left untouched.
+fixed [F, S] 0/1 pooling matrix instead of ``index_add_``. The training code is left untouched. The
+baselines of models/baselines.py (FNN, the PNNs, FM&DNN) go through the same table lookups and then their
+own ``head`` (plain tensor ops), so their export evaluates the model's own equations; any other model kind
+is refused with a BundleError.
 
 We use the legacy TorchScript-based exporter (``dynamo=False``): on torch 2.13 it exports these models in a
 fraction of a second with a clean graph, where the dynamo exporter takes seconds and logs a lot; its
@@ -29,7 +32,8 @@ from torch import nn
 
 from deepfm import __version__
 from deepfm.errors import BundleError
-from deepfm.models.ctr import CTRModel
+from deepfm.models.baselines import Baseline
+from deepfm.models.ctr import MODELS, CTRModel
 from deepfm.models.layers import fm_second_order
 
 INPUTS = ("idx", "val")
@@ -42,6 +46,9 @@ class _ExportForward(nn.Module):
 
     def __init__(self, model: CTRModel) -> None:
         super().__init__()
+        if not isinstance(model, Baseline) and getattr(model.cfg, "model", None) not in MODELS:
+            raise BundleError(f"cannot export a model of kind {getattr(model.cfg, 'model', None)!r}: the exporter "
+                              f"covers {', '.join(MODELS)} and the baselines of deepfm.models.baselines")
         self.model = model
         table = model.v if model.v is not None else model.w
         assert table is not None  # every model kind has a first-order or an embedding table
@@ -55,6 +62,9 @@ class _ExportForward(nn.Module):
         m = self.model
         rows = idx + self.offsets  # [B, S] rows of the fused tables
         x = val.unsqueeze(-1)  # [B, S, 1]
+        if isinstance(m, Baseline):  # the model's own head on the pooled table outputs (as its forward)
+            logit = m.head({name: self._pooled(t.weight, rows, x) for name, t in m.tables().items()})
+            return logit, torch.sigmoid(logit)
         terms: list[torch.Tensor] = []  # [B] each, added in CTRModel.forward's order
         if m.w is not None:
             terms.append((nn.functional.embedding(rows, m.w.weight) * x).sum(dim=(1, 2)))
@@ -71,6 +81,11 @@ class _ExportForward(nn.Module):
         for t in terms[1:]:
             logit = logit + t
         return logit, torch.sigmoid(logit)
+
+    def _pooled(self, weight: torch.Tensor, rows: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+        """FusedTable.forward in export ops: [B, F, dim] = x_i * row_i, slots pooled into their field."""
+        e = nn.functional.embedding(rows, weight) * x  # [B, S, dim]
+        return torch.matmul(self.pool, e) if self.pool is not None else e
 
 
 @contextlib.contextmanager

@@ -16,6 +16,8 @@ from deepfm.models.ctr import CTRModel
 from deepfm.models.layers import FastDropout
 
 SMALL_BATCH = 256
+# the model kinds evaluated here; any other (the PNNs, fmdnn) raises ValueError, and Predictor keeps torch
+NUMPY_KINDS = ("lr", "fm", "dnn", "deepfm", "wdl", "fnn")
 
 
 def _act(name: str, param: np.ndarray | None):
@@ -32,10 +34,14 @@ def _act(name: str, param: np.ndarray | None):
 
 class NumpyForward:
     """``__call__(idx [B, S] int64, val [B, S] float32) -> logits [B] float32`` for an eval-mode
-    :class:`CTRModel`. Raises ``ValueError`` in ``from_model`` for layers it does not cover (e.g. GELU);
-    callers then keep the torch path."""
+    :class:`CTRModel`. Raises ``ValueError`` for model kinds (``NUMPY_KINDS``) and layers (e.g. GELU) it
+    does not cover; callers then keep the torch path."""
 
     def __init__(self, model: CTRModel) -> None:
+        kind = getattr(getattr(model, "cfg", None), "model", None)
+        if kind not in NUMPY_KINDS:
+            raise ValueError(f"no numpy forward for model kind {kind!r} (only {', '.join(NUMPY_KINDS)})")
+        self.w_in_dnn = kind == "fnn"  # FNN: (x_i w_i, x_i v_i) per field is the MLP input, not a logit term
         model = model.eval()
         with torch.no_grad():
             self.bias = float(model.bias.item())
@@ -79,7 +85,9 @@ class NumpyForward:
         rows = idx + self.offsets
         logit = np.full(idx.shape[0], self.bias, dtype=np.float32)
         if self.w is not None:
-            logit += (self.w[rows] * val).sum(axis=1)
+            wx = self.w[rows] * val  # [B, S]
+            if not self.w_in_dnn:
+                logit += wx.sum(axis=1)
         if self.v is not None:
             e = self.v[rows] * val[:, :, None]  # [B, S, K]
             if self.pooled:
@@ -88,6 +96,9 @@ class NumpyForward:
                 s = e.sum(axis=1)
                 logit += 0.5 * (s * s - (e * e).sum(axis=1)).sum(axis=1)
             if self.layers is not None:
+                if self.w_in_dnn:  # [B, F, 1 + K]: (x_i w_i, x_i v_i) per field
+                    wf = np.add.reduceat(wx, self.starts, axis=1) if self.pooled else wx
+                    e = np.concatenate([wf[:, :, None], e], axis=2)
                 h = e.reshape(e.shape[0], -1)
                 for w_t, b, act in self.layers:
                     h = h @ w_t

@@ -74,7 +74,7 @@ class SparseEmbeddings:
     """Drives the sparse path for a model's fused tables (``w`` and ``v`` share slot offsets)."""
 
     def __init__(self, model: CTRModel, lr: float) -> None:
-        self.tables = [t for t in (model.w, model.v) if t is not None]
+        self.tables = list(model.tables().values())  # w, v (and fmdnn's v_dnn): same rows and offsets
         n = self.tables[0].weight.shape[0]
         self.offsets = self.tables[0].slot_offsets.numpy()
         self.unique = UniqueRows(n)
