@@ -19,6 +19,7 @@ import contextlib
 import json
 import logging
 import os
+import shutil
 import signal
 import time
 from collections.abc import Awaitable, Callable
@@ -266,7 +267,11 @@ def create_app(cfg: ServeConfig, predictor: Predictor | None = None) -> Any:
         workers, a reload asked of this one (generation None) is published in the control file for the others."""
         async with reload_lock:
             p = await asyncio.get_running_loop().run_in_executor(None, load_predictor, path)
-            gen = state["generation"] + 1 if generation is None else generation
+            if generation is None:  # a new generation above every one published (another worker may be ahead)
+                published = read_control(cfg.control).get("generation", 0) if cfg.control else 0
+                gen = max(state["generation"], published) + 1
+            else:
+                gen = generation
             state.update(predictor=p, bundle=path, loaded=time.time(), generation=gen)
             if cfg.control and generation is None:
                 write_control(cfg.control, path, gen)
@@ -448,12 +453,16 @@ def serve(cfg: ServeConfig, host: str = "127.0.0.1", port: int = 8000, workers: 
     if workers > 1:
         import tempfile
 
-        control = Path(tempfile.mkdtemp(prefix="deepfm-serve-")) / "control.json"
+        control_dir = Path(tempfile.mkdtemp(prefix="deepfm-serve-"))
+        control = control_dir / "control.json"
         write_control(str(control), cfg.bundle, 0)
         cfg = ServeConfig(**{**cfg.__dict__, "control": str(control)})
         os.environ.update(cfg.to_env())
         for var in ("OPENBLAS_NUM_THREADS", "OMP_NUM_THREADS", "MKL_NUM_THREADS"):  # read when a worker starts
             os.environ.setdefault(var, str(max(1, cfg.threads)))
-        uvicorn.run("deepfm.serve.server:app_from_env", factory=True, workers=workers, **common)
+        try:
+            uvicorn.run("deepfm.serve.server:app_from_env", factory=True, workers=workers, **common)
+        finally:
+            shutil.rmtree(control_dir, ignore_errors=True)
     else:
         uvicorn.run(create_app(cfg), **common)
