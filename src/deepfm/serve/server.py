@@ -272,9 +272,9 @@ def create_app(cfg: ServeConfig, predictor: Predictor | None = None) -> Any:
                 gen = max(state["generation"], published) + 1
             else:
                 gen = generation
-            state.update(predictor=p, bundle=path, loaded=time.time(), generation=gen)
-            if cfg.control and generation is None:
+            if cfg.control and generation is None:  # published first: if that fails, nothing has switched
                 write_control(cfg.control, path, gen)
+            state.update(predictor=p, bundle=path, loaded=time.time(), generation=gen)
             log.info("serving %s (%s)", path, p.model_info["version"])
             return p
 
