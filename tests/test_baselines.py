@@ -317,3 +317,10 @@ def test_torchscript_and_onnx_engine_for_baselines_and_refusal_of_unknown_kinds(
     with pytest.raises(BundleError, match="mystery"):
         export_onnx(odd, tmp_path / "odd.onnx")
     assert not (tmp_path / "odd.onnx").exists()
+
+
+def test_cli_model_names_match_the_models():
+    from deepfm.config import MODEL_NAMES as listed
+    from deepfm.models.ctr import MODEL_NAMES as built
+
+    assert set(listed) == set(built)

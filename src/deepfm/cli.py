@@ -10,8 +10,8 @@ from typing import Any
 
 import click
 
+from deepfm.config import MODEL_NAMES
 from deepfm.errors import DeepFMError
-from deepfm.models.ctr import MODEL_NAMES
 
 FORMATS = ("criteo", "avazu", "libfm", "movielens", "csv", "tsv", "parquet")
 
@@ -48,7 +48,29 @@ def _jsonable(obj: Any) -> Any:
     return obj
 
 
-@click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 110})
+class _Commands(click.Group):
+    """The paper-comparison tools live in their own modules and load only when used (``deepfm --help`` and
+    every other command stay free of their imports)."""
+
+    lazy = {"compare": "deepfm.compare:compare_command", "explain": "deepfm.explain:explain_command",
+            "tune": "deepfm.tune:tune_command"}
+
+    def list_commands(self, ctx: click.Context) -> list[str]:
+        return sorted({*super().list_commands(ctx), *self.lazy})
+
+    def get_command(self, ctx: click.Context, name: str) -> click.Command | None:
+        if name in self.lazy and name not in self.commands:
+            import importlib
+
+            module, attr = self.lazy[name].split(":")
+            try:
+                return getattr(importlib.import_module(module), attr)
+            except (ImportError, AttributeError):
+                return None
+        return super().get_command(ctx, name)
+
+
+@click.group(cls=_Commands, context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 110})
 @click.version_option(package_name="deepfm")
 def main() -> None:
     """deepfm: paper-faithful DeepFM for click-through-rate prediction, from raw logs to a saved model.

@@ -41,3 +41,7 @@ def apply_overrides(cfg: dict[str, dict[str, Any]], overrides: list[str]) -> dic
             raise DeepFMError(f"bad override {item!r}: expected model.KEY=VALUE or train.KEY=VALUE")
         cfg[section][name] = yaml.safe_load(raw)
     return cfg
+
+
+# Model names (models/ctr.py builds them; kept here so the CLI can list them without importing torch)
+MODEL_NAMES = ("lr", "fm", "deepfm", "dnn", "wdl", "fnn", "ipnn", "opnn", "pnnstar", "fmdnn")
