@@ -1,0 +1,542 @@
+"""``deepfm compare``: the paper's model comparison (Guo et al. 2017, Table 2) in one command.
+
+Every model is trained on the same splits and the same preprocessing (fitted once; the encoded data is reused
+by every run), once per seed. Each run lands in ``OUT/runs/<model>-seed<k>/`` (a bundle) with a ``done.json``
+(its metrics, per-epoch history and test-set curves), so a rerun of the same command skips the runs that are
+done and computes only the missing ones. Then ``results.csv``, ``table.md`` / ``table.csv`` (mean ± std over
+seeds, RelaImpr against LR), the plots and ``report.html`` (deepfm.report) are rewritten.
+
+    RelaImpr = ((AUC_model - 0.5) / (AUC_LR - 0.5) - 1) x 100%
+"""
+
+from __future__ import annotations
+
+import csv
+import functools
+import hashlib
+import json
+import os
+import platform
+import shlex
+import shutil
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import click
+import numpy as np
+
+from deepfm.config import MODEL_NAMES  # not models.ctr: loading the command must not import torch
+from deepfm.errors import DeepFMError
+
+FORMATS = ("criteo", "avazu", "libfm", "movielens", "csv", "tsv", "parquet")
+# the names the paper's Table 2 uses (wdl is its LR&DNN, fmdnn its FM&DNN)
+DISPLAY = {"lr": "LR", "fm": "FM", "fnn": "FNN", "ipnn": "IPNN", "opnn": "OPNN", "pnnstar": "PNN*",
+           "wdl": "LR&DNN", "fmdnn": "FM&DNN", "deepfm": "DeepFM", "dnn": "DNN"}
+ROC_POINTS = 501  # the false-positive-rate grid the ROC curves are stored (and averaged over seeds) on
+CALIBRATION_BINS = 20  # equal-frequency bins of the reliability curves
+# training options that do not change what a run computes (left out of the run key)
+VOLATILE = ("threads", "prefetch", "checkpoint_every", "keep_checkpoints", "eval_batch_size")
+DONE = "done.json"
+STARTED = "run.json"
+
+
+# ------------------------------------------------------------------------------------------- small pieces
+def parse_models(text: str) -> list[str]:
+    """``"lr,fm,deepfm"`` -> ``["lr", "fm", "deepfm"]`` (validated, duplicates dropped, order kept)."""
+    names = [m.strip().lower() for m in str(text).split(",") if m.strip()]
+    if not names:
+        raise DeepFMError(f"--models: no model given; use a comma-separated list of {', '.join(MODEL_NAMES)}")
+    bad = [m for m in names if m not in MODEL_NAMES]
+    if bad:
+        raise DeepFMError(f"--models: unknown model(s) {', '.join(map(repr, bad))}; "
+                          f"expected a comma-separated list of {', '.join(MODEL_NAMES)}")
+    return list(dict.fromkeys(names))
+
+
+def relaimpr(auc: float, auc_lr: float | None) -> float | None:
+    """Relative AUC improvement over LR in percent: ((AUC - 0.5) / (AUC_LR - 0.5) - 1) x 100.
+    None when there is no LR AUC or it is not above 0.5 (the measure is then undefined)."""
+    if auc_lr is None or not np.isfinite(auc_lr) or auc_lr <= 0.5 or not np.isfinite(auc):
+        return None
+    return ((auc - 0.5) / (auc_lr - 0.5) - 1.0) * 100.0
+
+
+def run_id(model: str, seed: int) -> str:
+    return f"{model}-seed{seed}"
+
+
+def run_key(model_cfg: dict[str, Any], train_cfg: dict[str, Any], data_key: dict[str, Any]) -> str:
+    """What makes a run the same run: its resolved model and training configuration and the data."""
+    train = {k: v for k, v in train_cfg.items() if k not in VOLATILE}
+    blob = json.dumps({"model": model_cfg, "train": train, "data": data_key}, sort_keys=True, default=str)
+    return hashlib.sha256(blob.encode()).hexdigest()[:20]
+
+
+def roc_curve(y: np.ndarray, p: np.ndarray, points: int = ROC_POINTS) -> list[float] | None:
+    """True-positive rate at ``points`` evenly spaced false-positive rates in [0, 1] (the ROC as a step
+    function: the best TPR reached at FPR <= x). None when the labels have one class only."""
+    y = np.asarray(y, dtype=np.float64).ravel()
+    p = np.asarray(p, dtype=np.float64).ravel()
+    n_pos = y.sum()
+    if n_pos == 0 or n_pos == y.size:
+        return None
+    order = np.argsort(-p, kind="mergesort")
+    ys, ps = y[order], p[order]
+    last = np.r_[np.flatnonzero(np.diff(ps)), ys.size - 1]  # the last row of each tie group
+    tps = np.cumsum(ys)[last]
+    fps = (last + 1) - tps
+    tpr = np.r_[0.0, tps / tps[-1]]
+    fpr = np.r_[0.0, fps / fps[-1]]
+    grid = np.linspace(0.0, 1.0, points)
+    return [round(float(v), 6) for v in tpr[np.searchsorted(fpr, grid, side="right") - 1]]
+
+
+def calibration_curve(y: np.ndarray, p: np.ndarray, bins: int = CALIBRATION_BINS) -> dict[str, list[float]]:
+    """Reliability curve: rows sorted by predicted probability, cut into ``bins`` equal-frequency bins;
+    per bin the mean prediction, the observed click rate and the row count."""
+    y = np.asarray(y, dtype=np.float64).ravel()
+    p = np.asarray(p, dtype=np.float64).ravel()
+    parts = [c for c in np.array_split(np.argsort(p, kind="mergesort"), min(bins, max(1, p.size))) if c.size]
+    return {"predicted": [round(float(p[c].mean()), 7) for c in parts],
+            "observed": [round(float(y[c].mean()), 7) for c in parts],
+            "rows": [int(c.size) for c in parts]}
+
+
+def _fmt(v: Any, digits: int = 4) -> str:
+    return f"{v:.{digits}f}" if isinstance(v, (int, float)) and np.isfinite(v) else ""
+
+
+def _write_json(path: Path, obj: Any) -> None:
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(json.dumps(obj, indent=1, default=str))
+    os.replace(tmp, path)
+
+
+def _read_json(path: Path) -> Any:
+    try:
+        return json.loads(path.read_text())
+    except (OSError, ValueError):
+        return None
+
+
+# ------------------------------------------------------------------------------------------- the plan
+@dataclass
+class Run:
+    model: str
+    seed: int
+    key: str
+    model_cfg: Any
+    train_cfg: Any
+    record: dict[str, Any] | None = None  # done.json once complete
+    status: str = "missing"  # missing | reused | trained
+
+    @property
+    def id(self) -> str:
+        return run_id(self.model, self.seed)
+
+
+@dataclass
+class Outcome:
+    """What ``compare`` did: the runs in plan order, the table rows, and what was written."""
+
+    out: Path
+    runs: list[Run]
+    rows: list[dict[str, Any]]
+    data: dict[str, Any]
+    budget_note: str | None = None
+    files: list[Path] = field(default_factory=list)
+
+    @property
+    def trained(self) -> list[Run]:
+        return [r for r in self.runs if r.status == "trained"]
+
+    @property
+    def reused(self) -> list[Run]:
+        return [r for r in self.runs if r.status == "reused"]
+
+    @property
+    def missing(self) -> list[Run]:
+        return [r for r in self.runs if r.record is None]
+
+
+def summarize(runs: list[Run], models: list[str]) -> list[dict[str, Any]]:
+    """One row per model: test AUC / logloss mean and std (population, ddof=0, as BARS reports) over the
+    completed seeds, and RelaImpr of the mean AUC against LR's mean AUC (None without lr)."""
+    rows = []
+    for m in models:
+        done = [r.record for r in runs if r.model == m and r.record is not None]
+        auc = np.array([d["metrics"]["test"]["auc"] for d in done], dtype=np.float64)
+        ll = np.array([d["metrics"]["test"]["logloss"] for d in done], dtype=np.float64)
+        rows.append({"model": m, "name": DISPLAY.get(m, m), "runs": len(done),
+                     "seeds": ",".join(str(d["seed"]) for d in done),
+                     "auc_mean": float(auc.mean()) if auc.size else float("nan"),
+                     "auc_std": float(auc.std()) if auc.size else float("nan"),
+                     "logloss_mean": float(ll.mean()) if ll.size else float("nan"),
+                     "logloss_std": float(ll.std()) if ll.size else float("nan")})
+    lr = next((r for r in rows if r["model"] == "lr" and r["runs"]), None)
+    for r in rows:
+        r["relaimpr"] = relaimpr(r["auc_mean"], lr["auc_mean"] if lr else None) if r["runs"] else None
+    return rows
+
+
+def table_markdown(rows: list[dict[str, Any]], has_lr: bool) -> str:
+    lines = ["| Model | Test AUC | Test Logloss | RelaImpr (AUC vs LR) | seeds |", "|---|---|---|---|---|"]
+    for r in rows:
+        if r["runs"]:
+            auc = f"{r['auc_mean']:.4f} ± {r['auc_std']:.4f}"
+            ll = f"{r['logloss_mean']:.5f} ± {r['logloss_std']:.5f}"
+        else:
+            auc = ll = "not run"
+        rel = "" if r["relaimpr"] is None else f"{r['relaimpr']:+.2f}%"
+        lines.append(f"| {r['name']} | {auc} | {ll} | {rel} | {r['runs']} |")
+    note = ("RelaImpr = ((AUC_model - 0.5) / (AUC_LR - 0.5) - 1) x 100%, from the mean test AUCs."
+            if has_lr else "RelaImpr needs lr among --models (it is measured against LR): left blank.")
+    return "\n".join(lines) + f"\n\nMean ± std (population, ddof=0) over seeds. {note}\n"
+
+
+def write_tables(out: Path, runs: list[Run], rows: list[dict[str, Any]], has_lr: bool) -> list[Path]:
+    """results.csv (one row per completed run), table.csv and table.md."""
+    results = out / "results.csv"
+    with open(results.with_name(".results.csv.tmp"), "w", newline="") as fh:
+        w = csv.writer(fh)
+        w.writerow(["model", "seed", "test_auc", "test_logloss", "valid_auc", "valid_logloss", "best_epoch",
+                    "epochs", "train_seconds", "test_rows"])
+        for r in runs:
+            if r.record is None:
+                continue
+            d, t, v = r.record, r.record["metrics"]["test"], r.record["metrics"].get("valid", {})
+            w.writerow([r.model, r.seed, _fmt(t["auc"], 6), _fmt(t["logloss"], 6), _fmt(v.get("auc"), 6),
+                        _fmt(v.get("logloss"), 6), d.get("best_epoch"), d.get("epochs"),
+                        _fmt(d.get("train_seconds"), 2), t.get("rows")])
+    os.replace(results.with_name(".results.csv.tmp"), results)
+    table_csv = out / "table.csv"
+    with open(table_csv.with_name(".table.csv.tmp"), "w", newline="") as fh:
+        w = csv.writer(fh)
+        w.writerow(["model", "name", "runs", "auc_mean", "auc_std", "logloss_mean", "logloss_std",
+                    "relaimpr_percent"])
+        for r in rows:
+            w.writerow([r["model"], r["name"], r["runs"], _fmt(r["auc_mean"], 6), _fmt(r["auc_std"], 6),
+                        _fmt(r["logloss_mean"], 6), _fmt(r["logloss_std"], 6),
+                        "" if r["relaimpr"] is None else f"{r['relaimpr']:.4f}"])
+    os.replace(table_csv.with_name(".table.csv.tmp"), table_csv)
+    table_md = out / "table.md"
+    table_md.write_text(table_markdown(rows, has_lr))
+    return [results, table_csv, table_md]
+
+
+# ------------------------------------------------------------------------------------------- environment
+def machine() -> dict[str, Any]:
+    from deepfm.train.trainer import available_cores
+
+    cpu = platform.processor() or platform.machine()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    return {"cpu": cpu, "logical_cores": os.cpu_count(), "usable_cores": available_cores(),
+            "platform": platform.platform(), "python": platform.python_version()}
+
+
+def versions() -> dict[str, str]:
+    from importlib import metadata
+
+    out = {}
+    for pkg in ("deepfm", "torch", "numpy", "pyarrow", "matplotlib"):
+        try:
+            out[pkg] = metadata.version(pkg)
+        except metadata.PackageNotFoundError:
+            out[pkg] = "not installed"
+    return out
+
+
+def command_line(params: dict[str, Any]) -> str:
+    """The invocation: ``deepfm compare ...`` as typed when this process was started by the CLI, otherwise
+    the equivalent command rebuilt from the parameters."""
+    argv = sys.argv[1:]
+    if argv[:1] == ["compare"]:
+        return shlex.join(["deepfm", *argv])
+    parts = ["deepfm", "compare"]
+    for flag, value in params.items():
+        if value is None or value is False or value == () or value == []:
+            continue
+        if value is True:
+            parts.append(flag)
+        elif isinstance(value, (list, tuple)):
+            for v in value:
+                parts += [flag, str(v)]
+        else:
+            parts += [flag, str(value)]
+    return shlex.join(parts)
+
+
+# ------------------------------------------------------------------------------------------- the command
+def compare(
+    train_path: str | Path,
+    test_path: str | Path,
+    out: str | Path,
+    fmt: str | None = None,
+    models: str | list[str] = "lr,fm,deepfm",
+    seeds: int = 3,
+    valid_path: str | Path | None = None,
+    valid_fraction: float = 0.1,
+    split_seed: int = 2017,
+    schema_path: str | Path | None = None,
+    preset: str = "default",
+    overrides: list[str] | tuple[str, ...] = (),
+    epochs: int | None = None,
+    threads: int | None = None,
+    min_count: int | None = None,
+    on_bad_rows: str = "error",
+    cache_dir: str | Path | None = None,
+    use_cache: bool = True,
+    streaming: bool = False,
+    budget_minutes: float | None = None,
+    command: str | None = None,
+    echo: Any = None,
+) -> Outcome:
+    """Train every model x seed on the same prepared data, skipping runs already done in ``out``, then write
+    the tables, plots and report. echo: where the progress lines go (default: print)."""
+    t_start = time.monotonic()
+    say = echo or (lambda s: print(s, flush=True))
+    model_list = parse_models(models) if isinstance(models, str) else parse_models(",".join(models))
+    if not isinstance(seeds, int) or seeds < 1:
+        raise DeepFMError(f"--seeds must be a positive integer (the runs use seeds 1..N), got {seeds!r}")
+    if budget_minutes is not None and budget_minutes < 0:
+        raise DeepFMError(f"--budget-minutes must be >= 0, got {budget_minutes}")
+    for flag, p in (("--train", train_path), ("--test", test_path), ("--valid", valid_path),
+                    ("--schema", schema_path)):
+        if p is not None and not Path(p).exists():
+            raise DeepFMError(f"{flag} {p}: no such file")
+    if fmt is None and schema_path is None:
+        raise DeepFMError("pass --format (criteo, avazu, libfm, movielens) or --format csv/parquet with --schema")
+    if valid_path is None and not 0 < valid_fraction < 1:
+        raise DeepFMError(f"--valid-fraction must be in (0, 1), got {valid_fraction}")
+    fmt = fmt or ("parquet" if str(train_path).endswith(".parquet") else "csv")
+
+    from deepfm import pipeline
+    from deepfm import schema as schema_mod
+    from deepfm.data import readers
+    from deepfm.data.store import file_identity
+
+    # as `deepfm train`: the format's default schema (libfm builds its own from the file: None here)
+    schema = schema_mod.load(schema_path) if schema_path else readers.default_schema(fmt)
+    if schema is not None and min_count is not None:
+        schema = schema.with_overrides(min_count=min_count)
+    out = Path(out)
+    (out / "runs").mkdir(parents=True, exist_ok=True)
+    data_key = {"format": fmt, "schema": schema.to_dict() if schema is not None else None,
+                "train": file_identity(train_path),
+                "valid": file_identity(valid_path) if valid_path else None,
+                "valid_fraction": None if valid_path else valid_fraction,
+                "split_seed": None if valid_path else split_seed, "test": file_identity(test_path),
+                "on_bad_rows": on_bad_rows, "streaming": bool(streaming)}
+
+    # the plan: seed-major, so that a budget cut leaves whole seeds of every model
+    runs: list[Run] = []
+    for seed in range(1, seeds + 1):
+        for m in model_list:
+            model_cfg, train_cfg = pipeline.resolve_config(preset, list(overrides), model=m, epochs=epochs,
+                                                           seed=seed, threads=threads)
+            r = Run(m, seed, run_key(model_cfg.to_dict(), train_cfg.to_dict(), data_key), model_cfg, train_cfg)
+            done = _read_json(out / "runs" / r.id / DONE)
+            if done and done.get("key") == r.key and done.get("model") == m and done.get("seed") == seed:
+                r.record, r.status = done, "reused"
+            runs.append(r)
+
+    data_file = out / "data.json"
+    data = _read_json(data_file)
+    if not data or data.get("key") != run_key({}, {}, data_key):
+        data = None
+    prep = test = None
+    todo = [r for r in runs if r.record is None]
+
+    def ensure_data() -> None:
+        nonlocal prep, test, data
+        if prep is not None:
+            return
+        if streaming:  # out of core: shards on disk, as `deepfm train --streaming`
+            prep = pipeline.prepare_streaming(train_path, fmt, schema, valid_path, valid_fraction, split_seed,
+                                              on_bad_rows, cache_dir, use_cache)
+            test = pipeline.shard_file(test_path, fmt, prep.pre, on_bad_rows, cache_dir)
+        else:
+            prep = pipeline.prepare(train_path, fmt, schema, valid_path, valid_fraction, split_seed, on_bad_rows,
+                                    cache_dir, use_cache)
+            test = pipeline.encode_file(test_path, fmt, prep.pre, on_bad_rows)
+        labels = test_labels(pipeline, test, prep)
+        if labels is None:
+            raise DeepFMError(f"--test {test_path}: no label column, cannot evaluate")
+        data = {"key": run_key({}, {}, data_key), "format": fmt, "train": str(train_path),
+                "valid": str(valid_path) if valid_path else None,
+                "valid_fraction": None if valid_path else valid_fraction,
+                "split_seed": None if valid_path else split_seed, "test": str(test_path),
+                "train_rows": int(len(prep.train_rows) if prep.train_rows is not None else prep.train.rows),
+                "valid_rows": int(len(prep.valid_rows) if prep.valid_rows is not None
+                                  else prep.valid.rows if prep.valid is not None else 0),
+                "test_rows": int(test.rows), "test_ctr": float(labels.mean()) if labels.size else float("nan"),
+                "fields": len(prep.fields), "vocab_rows": int(prep.info["vocab_rows"]),
+                "field_names": [f.name for f in prep.fields],
+                "skipped_rows": int(prep.info.get("skipped_rows", 0)), "streaming": bool(streaming)}
+        _write_json(data_file, data)
+
+    n = len(runs)
+    for k, r in enumerate(runs, 1):
+        if r.record is not None:
+            t = r.record["metrics"]["test"]
+            say(f"[{k}/{n}] {r.model} seed {r.seed}: done earlier, skipped (test AUC {t['auc']:.4f} logloss "
+                f"{t['logloss']:.5f})")
+    budget_note = None
+    for r in todo:
+        elapsed = time.monotonic() - t_start
+        if budget_minutes is not None and elapsed >= budget_minutes * 60:
+            left = [x.id for x in todo if x.record is None]
+            budget_note = (f"the budget of {budget_minutes:g} min was spent after {elapsed / 60:.1f} min: "
+                           f"{len(left)} run(s) not started ({', '.join(left)}); rerun the same command "
+                           "(with a larger --budget-minutes) to complete them")
+            say(f"budget: {budget_note}")
+            break
+        ensure_data()
+        r.record = _train_one(pipeline, prep, test, r, out, fmt, preset, list(overrides))
+        r.status = "trained"
+        t = r.record["metrics"]["test"]
+        k = sum(x.record is not None for x in runs)
+        say(f"[{k}/{n}] {r.model} seed {r.seed}: test AUC {t['auc']:.4f} logloss {t['logloss']:.5f}, best epoch "
+            f"{r.record['best_epoch']} of {r.record['epochs']}, {r.record['train_seconds']:.1f} s")
+        write_tables(out, runs, summarize(runs, model_list), "lr" in model_list)
+    if data is None and any(r.record is not None for r in runs):
+        ensure_data()  # the runs were done by an earlier invocation whose data.json is gone
+    rows = summarize(runs, model_list)
+    outcome = Outcome(out, runs, rows, data or {}, budget_note)
+    outcome.files += write_tables(out, runs, rows, "lr" in model_list)
+
+    from deepfm import report
+
+    settings = {"models": model_list, "seeds": seeds, "preset": preset, "overrides": list(overrides),
+                "epochs": epochs, "budget_minutes": budget_minutes, "split_seed": split_seed,
+                "min_count": min_count}
+    outcome.files += report.write(outcome, command or "(Python API) deepfm.compare.compare(...)", settings,
+                                  machine(), versions())
+    return outcome
+
+
+def test_labels(pipeline: Any, test: Any, prep: Any) -> np.ndarray | None:
+    labels = pipeline.batcher(test, prep.fields).labels()
+    return None if labels is None else np.asarray(labels, dtype=np.float64)
+
+
+def _train_one(pipeline: Any, prep: Any, test: Any, r: Run, out: Path, fmt: str, preset: str,
+               overrides: list[str]) -> dict[str, Any]:
+    """Train one run into out/runs/<id> (resuming its checkpoints if an interrupted run of the same key left
+    some), score the test set, write done.json last."""
+    from deepfm.train.trainer import predict_logits, sigmoid
+
+    run_dir = out / "runs" / r.id
+    started = _read_json(run_dir / STARTED)
+    resume = bool(started and started.get("key") == r.key and (run_dir / "checkpoints").exists())
+    if not resume and run_dir.exists():
+        shutil.rmtree(run_dir)  # another configuration's run, or a partial one without checkpoints
+    run_dir.mkdir(parents=True, exist_ok=True)
+    _write_json(run_dir / STARTED, {"key": r.key, "model": r.model, "seed": r.seed,
+                                    "started": time.strftime("%Y-%m-%dT%H:%M:%S")})
+    model, result = pipeline.train(prep, r.model_cfg, r.train_cfg, run_dir, fmt, test, progress=False,
+                                   extra_info={"preset": preset, "overrides": overrides, "compare": r.id},
+                                   resume=resume)
+    y = test_labels(pipeline, test, prep)
+    p = sigmoid(predict_logits(model, pipeline.batcher(test, prep.fields)))
+    training = result["training"]
+    history = [{k: h.get(k) for k in ("epoch", "train_logloss", "valid_auc", "valid_logloss", "train_seconds",
+                                      "best_epoch")} for h in training["history"]]
+    record = {"model": r.model, "seed": r.seed, "key": r.key, "config": {"model": r.model_cfg.to_dict(),
+                                                                         "train": r.train_cfg.to_dict()},
+              "metrics": result["metrics"], "best_epoch": training.get("best_epoch"), "epochs": len(history),
+              "train_seconds": float(training["train_seconds"]), "history": history,
+              "roc_tpr": roc_curve(y, p), "calibration": calibration_curve(y, p),
+              "parameters": int(sum(t.numel() for t in model.parameters())), "resumed": resume,
+              "finished": time.strftime("%Y-%m-%dT%H:%M:%S"), "bundle": f"runs/{r.id}"}
+    _write_json(run_dir / DONE, record)
+    return record
+
+
+# ------------------------------------------------------------------------------------------- click command
+def _friendly(fn):
+    """As deepfm.cli.friendly (not imported: cli imports this module): project errors print as one line
+    and exit with status 2."""
+
+    @functools.wraps(fn)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        try:
+            return fn(*args, **kwargs)
+        except DeepFMError as e:
+            click.echo(f"error: {e}", err=True)
+            sys.exit(2)
+
+    return wrapper
+
+
+@click.command("compare")
+@click.option("--format", "fmt", type=click.Choice(FORMATS), help="Input format (csv/tsv/parquet need --schema).")
+@click.option("--train", "train_path", required=True, type=click.Path(), help="Training data.")
+@click.option("--valid", "valid_path", type=click.Path(), help="Validation data (else --valid-fraction).")
+@click.option("--valid-fraction", type=float, default=0.1, show_default=True,
+              help="Seeded random share of --train held out for validation (early stopping) when --valid is not "
+                   "given; the same split for every run.")
+@click.option("--test", "test_path", required=True, type=click.Path(), help="Labelled test data (the table's numbers).")
+@click.option("--schema", "schema_path", type=click.Path(), help="Feature schema (YAML/JSON).")
+@click.option("--models", default="lr,fm,deepfm", show_default=True,
+              help=f"Comma-separated models, in table order; any of {', '.join(MODEL_NAMES)} "
+                   "(wdl = the paper's LR&DNN, fmdnn = FM&DNN, pnnstar = PNN*).")
+@click.option("--seeds", type=int, default=3, show_default=True,
+              help="Runs per model, with seeds 1..N (initialisation, shuffling, dropout; the split stays fixed).")
+@click.option("--split-seed", type=int, default=2017, show_default=True,
+              help="Seed of the --valid-fraction split (one split for all runs).")
+@click.option("--preset", default="default", show_default=True, help="paper, bars, default, or a YAML file.")
+@click.option("--set", "overrides", multiple=True, metavar="SECTION.KEY=VALUE",
+              help="Override a preset option for every model, e.g. --set model.hidden=[400,400,400].")
+@click.option("--epochs", type=int, help="Maximum epochs (early stopping on the validation metric).")
+@click.option("--threads", type=int, help="Intra-op CPU threads (default: the cores this process may use).")
+@click.option("--min-count", type=int, help="Override every field's min_count.")
+@click.option("--on-bad-rows", type=click.Choice(["error", "skip"]), default="error", show_default=True)
+@click.option("--cache-dir", type=click.Path(), help="Encoded-store cache (default ~/.cache/deepfm, $DEEPFM_CACHE).")
+@click.option("--no-cache", is_flag=True, help="Do not read or write the encoded-store cache.")
+@click.option("--streaming", is_flag=True,
+              help="Out of core, as `deepfm train --streaming`: fit in one streaming pass, train from shards on disk.")
+@click.option("--budget-minutes", type=float,
+              help="Start no new run once this many minutes have passed; the report then lists the missing runs "
+                   "(rerun the same command to add them).")
+@click.option("--out", required=True, type=click.Path(), help="Output folder (rerun with the same --out to resume).")
+@_friendly
+def compare_command(fmt, train_path, valid_path, valid_fraction, test_path, schema_path, models, seeds, split_seed,
+                    preset, overrides, epochs, threads, min_count, on_bad_rows, cache_dir, no_cache, streaming,
+                    budget_minutes, out) -> None:
+    """Compare models as in the DeepFM paper's Table 2: every model on the same splits and preprocessing,
+    N seeds each; writes results.csv, table.md/.csv (AUC and logloss mean ± std, RelaImpr vs LR), plots and
+    one self-contained report.html. Resumable: rerunning the same command skips the runs already done.
+
+    \b
+    Examples:
+      deepfm compare --format criteo --train train.txt --test test.txt --models lr,fm,deepfm --seeds 3 --out cmp/
+      deepfm compare --format criteo --train train.txt --valid-fraction 0.1 --test test.txt \\
+          --models lr,fm,fnn,ipnn,opnn,pnnstar,wdl,fmdnn,deepfm --seeds 5 --preset paper --out table2/
+      deepfm compare --format avazu --train train.csv --valid valid.csv --test test.csv --budget-minutes 60 --out a/
+    """
+    params = {"--format": fmt, "--schema": schema_path, "--train": train_path, "--valid": valid_path,
+              "--valid-fraction": None if valid_path else valid_fraction, "--test": test_path,
+              "--models": models, "--seeds": seeds, "--split-seed": split_seed, "--preset": preset,
+              "--set": list(overrides), "--epochs": epochs, "--threads": threads, "--min-count": min_count,
+              "--on-bad-rows": on_bad_rows if on_bad_rows != "error" else None, "--cache-dir": cache_dir,
+              "--no-cache": no_cache, "--streaming": streaming, "--budget-minutes": budget_minutes, "--out": out}
+    res = compare(train_path, test_path, out, fmt=fmt, models=models, seeds=seeds, valid_path=valid_path,
+                  valid_fraction=valid_fraction, split_seed=split_seed, schema_path=schema_path, preset=preset,
+                  overrides=list(overrides), epochs=epochs, threads=threads, min_count=min_count,
+                  on_bad_rows=on_bad_rows, cache_dir=cache_dir, use_cache=not no_cache,
+                  streaming=streaming, budget_minutes=budget_minutes, command=command_line(params), echo=click.echo)
+    click.echo("")
+    click.echo(table_markdown(res.rows, "lr" in [r.model for r in res.runs]).rstrip())
+    click.echo("")
+    click.echo(f"{len(res.trained)} run(s) trained, {len(res.reused)} reused, {len(res.missing)} missing; "
+               f"report: {res.out / 'report.html'}")
