@@ -12,10 +12,13 @@ CI budget: ~50 examples per operation; scripts/fuzz_api.sh runs the full budget 
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import http.client
 import json
+import os
 import shutil
+import signal
 import socket
 import subprocess
 import sys
@@ -118,7 +121,8 @@ def server(bundle, tmp_path_factory):
     with open(log, "wb") as fh:
         proc = subprocess.Popen([sys.executable, "-m", "deepfm.cli", "serve", str(bundle), "--port", str(port),
                                  "--workers", "2", "--max-rows", str(MAX_ROWS), "--max-body-mb", "0.05",
-                                 "--admin-token", TOKEN, "--log-level", "warning"], stdout=fh, stderr=subprocess.STDOUT)
+                                 "--admin-token", TOKEN, "--log-level", "warning"], stdout=fh, stderr=subprocess.STDOUT,
+                                start_new_session=True)
     srv = Server(f"http://127.0.0.1:{port}", port, proc, log)
     deadline = time.time() + 180  # two workers importing torch on a loaded 2-core machine
     while time.time() < deadline:
@@ -128,12 +132,23 @@ def server(bundle, tmp_path_factory):
         except OSError:
             time.sleep(0.1)
     else:
-        proc.kill()
+        _stop(proc)
         pytest.fail("server did not start: " + log.read_text()[-2000:])
     time.sleep(1.0)  # both workers up
     yield srv
+    _stop(proc)
+
+
+def _stop(proc: subprocess.Popen) -> None:
+    """Stop the server and its workers (its whole process group), gracefully first."""
     proc.terminate()
-    proc.wait(timeout=30)
+    try:
+        proc.wait(timeout=30)
+    except subprocess.TimeoutExpired:
+        pass
+    with contextlib.suppress(ProcessLookupError):
+        os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait(timeout=10)
 
 
 @pytest.fixture(scope="module")

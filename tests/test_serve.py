@@ -3,9 +3,11 @@ unseen/missing values, streaming block reads and scoring, and the HTTP server ov
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import os
+import signal
 import socket
 import subprocess
 import sys
@@ -228,12 +230,14 @@ def _http(url: str, body: object = None, raw: bytes | None = None, headers: dict
 
 
 @pytest.fixture(scope="module")
-def server(trained):
+def server(trained, tmp_path_factory):
     port = _free_port()
     env = {**os.environ, "DEEPFM_ADMIN_TOKEN": "s3cret"}
-    proc = subprocess.Popen([sys.executable, "-m", "deepfm.cli", "serve", str(trained), "--port", str(port),
-                             "--workers", "2", "--max-rows", "50", "--max-body-mb", "0.05", "--log-level", "warning"],
-                            env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    log = tmp_path_factory.mktemp("serve-log") / "server.log"
+    with open(log, "wb") as fh:  # a file, not a pipe: worker processes must never block on (or hold) our pipe
+        proc = subprocess.Popen([sys.executable, "-m", "deepfm.cli", "serve", str(trained), "--port", str(port),
+                                 "--workers", "2", "--max-rows", "50", "--max-body-mb", "0.05", "--log-level",
+                                 "warning"], env=env, stdout=fh, stderr=subprocess.STDOUT, start_new_session=True)
     url = f"http://127.0.0.1:{port}"
     deadline = time.time() + 180  # two workers importing torch on a loaded 2-core machine
     while time.time() < deadline:
@@ -243,11 +247,22 @@ def server(trained):
         except OSError:
             time.sleep(0.1)
     else:
-        proc.kill()
-        pytest.fail("server did not start: " + proc.stdout.read().decode()[-2000:])
+        _stop(proc)
+        pytest.fail("server did not start: " + log.read_text()[-2000:])
     yield url
+    _stop(proc)
+
+
+def _stop(proc: subprocess.Popen) -> None:
+    """Stop the server and its workers (its whole process group), gracefully first."""
     proc.terminate()
-    proc.wait(timeout=20)
+    try:
+        proc.wait(timeout=30)
+    except subprocess.TimeoutExpired:
+        pass
+    with contextlib.suppress(ProcessLookupError):
+        os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait(timeout=10)
 
 
 def test_server_predicts_like_the_predictor(server, trained, synth_small):
