@@ -139,3 +139,13 @@ def test_hash_everything_schema_needs_no_vocabulary(tmp_path):
     assert all("_vocab_array" not in st for st in pre.states.values())
     enc = pre.transform(readers.read(path, "csv", schema))
     assert enc.cat.max() < 2 + 64 and info["rows"] == 2000
+
+
+def test_hash_collisions_are_counted_alike_in_memory_and_streaming(tmp_path):
+    path = _mixed(tmp_path, n=3000)
+    schema = Schema(fields=(Field("h", "categorical", hash_buckets=31), Field("n", "numeric")), label="y")
+    mem = Preprocessor(schema).fit(readers.read(path, "csv", schema)).states["h"]
+    stream = fit_streaming(lambda: readers.iter_read(path, "csv", schema, block_bytes=8000), schema)[0].states["h"]
+    assert mem == stream
+    assert mem["distinct_values"] > 31 and mem["buckets_used"] <= 31
+    assert mem["collisions"] == mem["distinct_values"] - mem["buckets_used"] > 0

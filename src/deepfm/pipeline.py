@@ -75,6 +75,17 @@ def split_rows(n: int, fraction: float, seed: int) -> tuple[np.ndarray, np.ndarr
     return np.sort(perm[n_valid:]), np.sort(perm[:n_valid])
 
 
+def _report_collisions(pre: Preprocessor, info: dict[str, Any]) -> None:
+    """Hashed fields: count and log the training values that share a bucket (kept in the bundle's info)."""
+    stats = {f.name: pre.states[f.name] for f in pre.schema.fields
+             if f.hash_buckets is not None and "collisions" in pre.states.get(f.name, {})}
+    if stats:
+        info["hash_collisions"] = stats
+        worst = max(stats.items(), key=lambda kv: kv[1]["collisions"])
+        log(f"hashed fields: {sum(s['collisions'] for s in stats.values()):,} colliding values in all; most in "
+            f"{worst[0]!r}: {worst[1]['collisions']:,} of {worst[1]['distinct_values']:,} values share a bucket")
+
+
 def _report_skips(res: readers.ReadResult) -> None:
     if res.skipped.count:
         log(res.skipped.summary(res.path))
@@ -195,6 +206,7 @@ def prepare(
     if split is None:
         valid_rows = None
     info["vocab_rows"] = int(sum(f.size for f in layout(pre)))
+    _report_collisions(pre, info)
     return Prepared(pre, train, train_rows, valid, valid_rows, info)
 
 
@@ -252,6 +264,7 @@ def prepare_streaming(
         raise DataError("no training rows", path=str(train_path))
     valid = ShardSet.open(entry / "valid", "train") if valid_path else ShardSet.open(entry / "data", "valid")
     info["vocab_rows"] = int(sum(f.size for f in layout(pre)))
+    _report_collisions(pre, info)
     return Prepared(pre, train, None, valid, None, info)
 
 

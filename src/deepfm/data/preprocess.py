@@ -45,6 +45,13 @@ def fnv1a64(arr: pa.Array) -> np.ndarray:
     return h
 
 
+def hash_collisions(distinct: pa.Array, buckets: int) -> dict[str, int]:
+    """What hashing cost a field on its training values: the distinct values, the buckets they use, and the
+    values that share a bucket with another (``collisions`` = distinct - buckets used)."""
+    used = int(np.unique(fnv1a64(distinct) % np.uint64(buckets)).size) if len(distinct) else 0
+    return {"distinct_values": len(distinct), "buckets_used": used, "collisions": len(distinct) - used}
+
+
 def _numeric_transform(values: np.ndarray, f: Field, state: dict[str, Any]) -> np.ndarray:
     if f.transform == "log":  # sign(x) * log(1 + |x|), in float32 and in place
         out = np.abs(values, dtype=np.float32)
@@ -196,7 +203,8 @@ class Preprocessor:
             std = float(x.std()) if x.size else 1.0
             return {"mean": mean, "std": std if std > 0 else 1.0}, None
         if f.hash_buckets is not None:
-            return {}, None
+            tokens = _tokens(col, f) if f.encoded_kind == "cat" else _split_multi(col, f)[0]
+            return hash_collisions(pc.unique(tokens.filter(pc.is_valid(tokens))), f.hash_buckets), None
         if f.encoded_kind == "cat":
             return _fit_encode(_tokens(col, f), f.min_count)
         vc = pc.value_counts(_split_multi(col, f)[0])

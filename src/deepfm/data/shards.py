@@ -32,7 +32,7 @@ import pyarrow.compute as pc
 import torch
 
 from deepfm.data import readers
-from deepfm.data.preprocess import Encoded, Preprocessor, _bucket_tokens, _split_multi, _vocab_order
+from deepfm.data.preprocess import Encoded, Preprocessor, _bucket_tokens, _split_multi, _vocab_order, hash_collisions
 from deepfm.data.store import Batcher, FieldSpec, open_store, save_store
 from deepfm.errors import DataError
 from deepfm.schema import Schema
@@ -117,7 +117,7 @@ def fit_streaming(blocks: Callable[[], Iterator[readers.ReadResult]], schema: Sc
     counts: dict[str, _Counts] = {}
     moments: dict[str, _Moments] = {}
     for f in schema.fields:
-        if f.encoded_kind != "num" and f.hash_buckets is None:
+        if f.encoded_kind != "num":  # hashed fields too: their distinct values give the collision count
             counts[f.name] = _Counts()
         elif f.encoded_kind == "num" and f.transform == "standardize":
             moments[f.name] = _Moments()
@@ -143,7 +143,11 @@ def fit_streaming(blocks: Callable[[], Iterator[readers.ReadResult]], schema: Sc
         raise DataError("training data has no label column")
     states: dict[str, dict[str, Any]] = {f.name: {} for f in schema.fields}
     for name, c in counts.items():
-        states[name] = {"_vocab_array": c.vocab(schema.field(name).min_count)}
+        f = schema.field(name)
+        if f.hash_buckets is not None:
+            states[name] = hash_collisions(c.vocab(1), f.hash_buckets)
+        else:
+            states[name] = {"_vocab_array": c.vocab(f.min_count)}
     for name, m in moments.items():
         states[name] = m.state()
     pre = Preprocessor(schema)
