@@ -711,3 +711,12 @@ def test_quoted_csv_header_names(tmp_path):
     s = Schema(fields=(Field("c"),), label="y")
     for res in (readers.read(p, "csv", s), next(readers.iter_read(p, "csv", s))):
         assert res.table.column("c").to_pylist() == ["a", "b"] and res.label.tolist() == [1.0, 0.0]
+
+
+def test_header_with_a_bare_carriage_return(tmp_path):
+    """Found by hypothesis: a CR inside the header line is a clear error on line 1, not a csv.Error."""
+    p = write(tmp_path / "cr.csv", b'y,"c\rd"\n1,a\n')
+    s = Schema(fields=(Field("c"),), label="y")
+    for read in (lambda: readers.read(p, "csv", s), lambda: next(readers.iter_read(p, "csv", s))):
+        with pytest.raises(DeepFMError):
+            read()

@@ -638,7 +638,12 @@ def plan_table(path: Path, schema: Schema | None, fmt: str) -> Plan:
     import csv
 
     # the header as a CSV row: quoted names ("y","c", as pyarrow and pandas may write them) lose their quotes
-    header = _header(path, [h.strip() for h in next(csv.reader([_first_line(path)], delimiter=delim))])
+    try:
+        names = next(csv.reader([_first_line(path)], delimiter=delim), [])
+    except csv.Error as e:  # e.g. a bare carriage return inside the header line
+        raise DataError(f"cannot parse the header line: {e}", path=str(path), line=1,
+                        hint="the first line must be the column names, separated by the delimiter") from None
+    header = _header(path, [h.strip() for h in names])
     negatives = (0.0, float(schema.negative_label))
     return Plan(header, delim, True, schema, lambda raw, v: typed_columns(raw, schema, v, schema.label, negatives),
                 quote=True)
