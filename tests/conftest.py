@@ -33,3 +33,21 @@ def shared(name: str) -> Path:
 def write(path: Path, text: str | bytes) -> Path:
     path.write_bytes(text if isinstance(text, bytes) else text.encode())
     return path
+
+
+def stop_server(proc) -> None:
+    """Stop a `deepfm serve` subprocess started with start_new_session=True and its workers (the whole
+    process group), gracefully first."""
+    import contextlib
+    import os
+    import signal
+    import subprocess
+
+    proc.terminate()
+    try:
+        proc.wait(timeout=30)
+    except subprocess.TimeoutExpired:
+        pass
+    with contextlib.suppress(ProcessLookupError):
+        os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait(timeout=10)

@@ -12,13 +12,10 @@ CI budget: ~50 examples per operation; scripts/fuzz_api.sh runs the full budget 
 
 from __future__ import annotations
 
-import contextlib
 import copy
 import http.client
 import json
-import os
 import shutil
-import signal
 import socket
 import subprocess
 import sys
@@ -39,6 +36,7 @@ from deepfm.schema import Field, Schema
 from deepfm.serve.predictor import Predictor
 from deepfm.serve.records import RecordEncoder, RecordError
 from deepfm.serve.server import ServeConfig, create_app
+from tests.conftest import stop_server
 
 schemathesis = pytest.importorskip("schemathesis")
 from hypothesis import HealthCheck, settings  # noqa: E402
@@ -132,23 +130,11 @@ def server(bundle, tmp_path_factory):
         except OSError:
             time.sleep(0.1)
     else:
-        _stop(proc)
+        stop_server(proc)
         pytest.fail("server did not start: " + log.read_text()[-2000:])
     time.sleep(1.0)  # both workers up
     yield srv
-    _stop(proc)
-
-
-def _stop(proc: subprocess.Popen) -> None:
-    """Stop the server and its workers (its whole process group), gracefully first."""
-    proc.terminate()
-    try:
-        proc.wait(timeout=30)
-    except subprocess.TimeoutExpired:
-        pass
-    with contextlib.suppress(ProcessLookupError):
-        os.killpg(proc.pid, signal.SIGKILL)
-    proc.wait(timeout=10)
+    stop_server(proc)
 
 
 @pytest.fixture(scope="module")

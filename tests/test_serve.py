@@ -3,11 +3,9 @@ unseen/missing values, streaming block reads and scoring, and the HTTP server ov
 
 from __future__ import annotations
 
-import contextlib
 import json
 import math
 import os
-import signal
 import socket
 import subprocess
 import sys
@@ -32,7 +30,7 @@ from deepfm.schema import MISSING, OOV, Field, Schema
 from deepfm.serve.predictor import Predictor
 from deepfm.serve.records import RecordEncoder, RecordError, fnv1a64_str
 from deepfm.train.metrics import evaluate as metrics
-from tests.conftest import write
+from tests.conftest import stop_server, write
 
 FAST = ["--epochs", "1", "--batch-size", "256", "--quiet", "--set", "model.hidden=[32,32]"]
 
@@ -247,22 +245,10 @@ def server(trained, tmp_path_factory):
         except OSError:
             time.sleep(0.1)
     else:
-        _stop(proc)
+        stop_server(proc)
         pytest.fail("server did not start: " + log.read_text()[-2000:])
     yield url
-    _stop(proc)
-
-
-def _stop(proc: subprocess.Popen) -> None:
-    """Stop the server and its workers (its whole process group), gracefully first."""
-    proc.terminate()
-    try:
-        proc.wait(timeout=30)
-    except subprocess.TimeoutExpired:
-        pass
-    with contextlib.suppress(ProcessLookupError):
-        os.killpg(proc.pid, signal.SIGKILL)
-    proc.wait(timeout=10)
+    stop_server(proc)
 
 
 def test_server_predicts_like_the_predictor(server, trained, synth_small):

@@ -12,7 +12,6 @@ seeds, RelaImpr against LR), the plots and ``report.html`` (deepfm.report) are r
 from __future__ import annotations
 
 import csv
-import functools
 import hashlib
 import json
 import os
@@ -28,6 +27,7 @@ from typing import Any
 import click
 import numpy as np
 
+from deepfm.cli import friendly  # cli loads this module lazily, when the command runs
 from deepfm.config import MODEL_NAMES  # not models.ctr: loading the command must not import torch
 from deepfm.errors import DeepFMError
 
@@ -182,15 +182,18 @@ def summarize(runs: list[Run], models: list[str]) -> list[dict[str, Any]]:
     return rows
 
 
+def result_cells(r: dict[str, Any]) -> tuple[str, str, str]:
+    """A table row's AUC, logloss (mean ± std) and RelaImpr, as shown in table.md and report.html."""
+    if not r["runs"]:
+        return "not run", "not run", ""
+    rel = "" if r["relaimpr"] is None else f"{r['relaimpr']:+.2f}%"
+    return f"{r['auc_mean']:.4f} ± {r['auc_std']:.4f}", f"{r['logloss_mean']:.5f} ± {r['logloss_std']:.5f}", rel
+
+
 def table_markdown(rows: list[dict[str, Any]], has_lr: bool) -> str:
     lines = ["| Model | Test AUC | Test Logloss | RelaImpr (AUC vs LR) | seeds |", "|---|---|---|---|---|"]
     for r in rows:
-        if r["runs"]:
-            auc = f"{r['auc_mean']:.4f} ± {r['auc_std']:.4f}"
-            ll = f"{r['logloss_mean']:.5f} ± {r['logloss_std']:.5f}"
-        else:
-            auc = ll = "not run"
-        rel = "" if r["relaimpr"] is None else f"{r['relaimpr']:+.2f}%"
+        auc, ll, rel = result_cells(r)
         lines.append(f"| {r['name']} | {auc} | {ll} | {rel} | {r['runs']} |")
     note = ("RelaImpr = ((AUC_model - 0.5) / (AUC_LR - 0.5) - 1) x 100%, from the mean test AUCs."
             if has_lr else "RelaImpr needs lr among --models (it is measured against LR): left blank.")
@@ -463,21 +466,6 @@ def _train_one(pipeline: Any, prep: Any, test: Any, r: Run, out: Path, fmt: str,
 
 
 # ------------------------------------------------------------------------------------------- click command
-def _friendly(fn):
-    """As deepfm.cli.friendly (not imported: cli imports this module): project errors print as one line
-    and exit with status 2."""
-
-    @functools.wraps(fn)
-    def wrapper(*args: Any, **kwargs: Any) -> Any:
-        try:
-            return fn(*args, **kwargs)
-        except DeepFMError as e:
-            click.echo(f"error: {e}", err=True)
-            sys.exit(2)
-
-    return wrapper
-
-
 @click.command("compare")
 @click.option("--format", "fmt", type=click.Choice(FORMATS), help="Input format (csv/tsv/parquet need --schema).")
 @click.option("--train", "train_path", required=True, type=click.Path(), help="Training data.")
@@ -509,7 +497,7 @@ def _friendly(fn):
               help="Start no new run once this many minutes have passed; the report then lists the missing runs "
                    "(rerun the same command to add them).")
 @click.option("--out", required=True, type=click.Path(), help="Output folder (rerun with the same --out to resume).")
-@_friendly
+@friendly
 def compare_command(fmt, train_path, valid_path, valid_fraction, test_path, schema_path, models, seeds, split_seed,
                     preset, overrides, epochs, threads, min_count, on_bad_rows, cache_dir, no_cache, streaming,
                     budget_minutes, out) -> None:

@@ -171,13 +171,10 @@ def _results_table(outcome: Any) -> str:
     head = ("<tr><th>Model</th><th>Test AUC (mean ± std)</th><th>Test Logloss (mean ± std)</th>"
             "<th>RelaImpr (AUC vs LR)</th><th>seeds</th></tr>")
     body = []
+    from deepfm.compare import result_cells
+
     for r in outcome.rows:
-        if r["runs"]:
-            auc = f"{r['auc_mean']:.4f} ± {r['auc_std']:.4f}"
-            ll = f"{r['logloss_mean']:.5f} ± {r['logloss_std']:.5f}"
-        else:
-            auc = ll = "not run"
-        rel = "" if r["relaimpr"] is None else f"{r['relaimpr']:+.2f}%"
+        auc, ll, rel = result_cells(r)
         cls = "" if r["runs"] else ' class="missing"'
         body.append(f"<tr{cls}><td>{_e(r['name'])}</td><td class=num>{auc}</td><td class=num>{ll}</td>"
                     f"<td class=num>{rel}</td><td class=num>{r['runs']}</td></tr>")
