@@ -100,7 +100,8 @@ def _header(path: Path, names: list[str]) -> list[str]:
 
 
 def _csv_options(names: list[str], delimiter: str, skip_header: bool, quote: bool, use_threads: bool,
-                 handler: Callable[[pv.InvalidRow], str], block_size: int = 4 << 20) -> dict:
+                 handler: Callable[[pv.InvalidRow], str], block_size: int = 4 << 20,
+                 numeric: tuple[str, ...] = ()) -> dict:
     return dict(
         read_options=pv.ReadOptions(
             column_names=names, skip_rows=1 if skip_header else 0, use_threads=use_threads,
@@ -112,7 +113,8 @@ def _csv_options(names: list[str], delimiter: str, skip_header: bool, quote: boo
             newlines_in_values=quote,  # a quoted value may hold line breaks: block boundaries must respect quotes
         ),
         convert_options=pv.ConvertOptions(
-            column_types={n: pa.binary() for n in names}, strings_can_be_null=True, null_values=[""],
+            column_types={n: pa.float64() if n in numeric else pa.binary() for n in names},
+            strings_can_be_null=True, null_values=[""],
             quoted_strings_can_be_null=False,
         ),
     )
@@ -190,6 +192,8 @@ def _line_breaks(block: pa.Table | pa.RecordBatch | None) -> np.ndarray | None:
     per-row count only for the columns that hold one."""
     total = None
     for col in [] if block is None else block.columns:
+        if not pa.types.is_binary(col.type):
+            continue  # a column parsed as numbers holds no line break
         chunks = col.chunks if isinstance(col, pa.ChunkedArray) else [col]
         if not any(c.buffers()[2] is not None and (np.frombuffer(c.buffers()[2], np.uint8) == 10).any()
                    for c in chunks):
@@ -229,30 +233,43 @@ def read_delimited(
     on_bad_rows: str,
     bad: BadRows,
     quote: bool = False,
+    numeric: tuple[str, ...] = (),
 ) -> tuple[pa.Table, np.ndarray, DataError | None]:
-    """Read a delimited text file as all-binary columns; return (table, 1-based line number per row, the
+    """Read a delimited text file as binary columns; return (table, 1-based line number per row, the
     first wrong-column-count error for the :class:`Validator` to raise, or None).
 
     Rows with the wrong column count are reported (naming the line) or skipped and counted. Columns are
     read as binary so that encoding errors are found per row afterwards instead of failing the whole read.
+    ``numeric`` columns are first tried as float64 by the parser itself (parallel, no binary copy); if any
+    value does not convert, the file is re-read all-binary so the Validator can name the row.
     """
-    def read(use_threads: bool) -> tuple[pa.Table, _InvalidRows]:
+    def read(use_threads: bool, numeric: tuple[str, ...]) -> tuple[pa.Table, _InvalidRows]:
         invalid = _InvalidRows(path, len(names), on_bad_rows, bad, quote)
         try:
-            opts = _csv_options(names, delimiter, skip_header, quote, use_threads, invalid)
+            opts = _csv_options(names, delimiter, skip_header, quote, use_threads, invalid, numeric=numeric)
             return pv.read_csv(path, **opts), invalid
         except (pa.ArrowInvalid, OSError, EOFError) as e:
             raise _parse_error(path, e) from None
 
-    try:
-        table, invalid = read(True)
-    except DataError as e:
-        if "not valid UTF-8" not in str(e):
+    def read_all(numeric: tuple[str, ...]) -> tuple[pa.Table, _InvalidRows]:
+        try:
+            return read(True, numeric)
+        except DataError as e:
+            if "not valid UTF-8" not in str(e):
+                raise
+            read(False, numeric)  # raises again, with the line: only the serial reader numbers rows
             raise
-        read(False)  # raises again, with the line: only the serial reader numbers rows
-        raise
+
+    try:
+        table, invalid = read_all(numeric)
+    except DataError as e:
+        if not numeric or "conversion error" not in str(e):
+            raise
+        numeric = ()  # a value that is not a plain number: the binary read finds and names it
+        table, invalid = read_all(numeric)
     if any(n is None for n, _, _ in invalid.rows):
-        table, invalid = read(False)  # the threaded reader does not know line numbers: re-read the (rare) bad file
+        # the threaded reader does not know line numbers: re-read the (rare) bad file
+        table, invalid = read(False, numeric)
     lines = invalid.lines(2 if skip_header else 1, 0, table, last=True)
     if table.num_rows == 0:
         raise _no_rows(path, bad)
@@ -468,6 +485,16 @@ class Plan:
     schema: Schema
     typed: Callable[[pa.Table, Validator], tuple[pa.Table, np.ndarray | None]]
     quote: bool = False
+    numeric: tuple[str, ...] = ()  # columns ``typed`` only reads as numbers: the whole-file read parses them
+
+
+def _number_columns(schema: Schema, label: str | None) -> tuple[str, ...]:
+    """Raw columns that typed_columns reads as numbers: numeric fields' sources and the label."""
+    first: dict[str, str] = {}
+    for f in schema.fields:
+        first.setdefault(f.source, f.kind)  # typed_columns types a shared source by its first field
+    cols = [src for src, kind in first.items() if kind == "numeric"]
+    return tuple(cols + ([label] if label is not None and label not in first else []))
 
 
 def plan_criteo(path: Path, schema: Schema | None) -> Plan:
@@ -481,7 +508,7 @@ def plan_criteo(path: Path, schema: Schema | None) -> Plan:
     schema = schema or criteo_schema()
     label = "label" if ncols == 40 else None
     return Plan(CRITEO_NAMES if ncols == 40 else CRITEO_NAMES[1:], delim, header, schema,
-                lambda raw, v: typed_columns(raw, schema, v, label))
+                lambda raw, v: typed_columns(raw, schema, v, label), numeric=_number_columns(schema, label))
 
 
 AVAZU_NAMES = ["id", "click", "hour", "C1", "banner_pos", "site_id", "site_domain", "site_category",
@@ -646,7 +673,7 @@ def plan_table(path: Path, schema: Schema | None, fmt: str) -> Plan:
     header = _header(path, [h.strip() for h in names])
     negatives = (0.0, float(schema.negative_label))
     return Plan(header, delim, True, schema, lambda raw, v: typed_columns(raw, schema, v, schema.label, negatives),
-                quote=True)
+                quote=True, numeric=_number_columns(schema, schema.label))
 
 
 def _need_schema(path: Path, schema: Schema | None, fmt: str) -> Schema:
@@ -733,7 +760,8 @@ def read(
         res = _typed_parquet(raw, path, schema, 1, on_bad_rows, bad)
     else:
         pl = plan(path, fmt, schema)
-        raw, lines, pending = read_delimited(path, pl.names, pl.delimiter, pl.header, on_bad_rows, bad, pl.quote)
+        raw, lines, pending = read_delimited(path, pl.names, pl.delimiter, pl.header, on_bad_rows, bad, pl.quote,
+                                             pl.numeric)
         v = Validator(path, lines, on_bad_rows, bad, pending)
         v.blank(raw)
         table, label = pl.typed(raw, v)
