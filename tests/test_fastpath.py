@@ -41,6 +41,18 @@ def test_fast_dropout_keeps_expected_fraction_scales_and_gradient_matches_mask()
     assert torch.equal(d(x, relu=True), torch.relu(x))
 
 
+@pytest.mark.parametrize("p, bits", [(0.5, 1), (0.25, 2), (0.75, 2), (0.125, 4), (0.1, 16), (0.3, 16)])
+def test_fast_dropout_draws_the_fewest_bits_that_give_p_exactly(p, bits):
+    torch.manual_seed(0)
+    d = FastDropout(p)
+    assert d.bits == bits and d.threshold / 2**bits == round(p * 65536) / 65536
+    m = d.mask(torch.Size((1000, 1001)))  # an odd element count: the last raw draw is partly used
+    assert m.shape == (1000, 1001)
+    assert m.unique().tolist() == [0.0, pytest.approx(1 / (1 - p))]
+    dropped = (m == 0).float().mean().item()
+    assert abs(dropped - p) < 4 * (p * (1 - p) / m.numel()) ** 0.5 + 1e-4  # within 4 sigma
+
+
 def test_fast_dropout_is_reproducible_under_manual_seed():
     outs = []
     for _ in range(2):
