@@ -223,3 +223,23 @@ def test_auto_embedding_update_switches_on_table_size(monkeypatch):
     assert not trainer.uses_sparse_update(model, "auto")  # 155 rows
     monkeypatch.setattr(trainer, "AUTO_SPARSE_ROWS", 100)
     assert trainer.uses_sparse_update(model, "auto")
+
+
+def test_aligned_linear_matches_nn_linear_and_is_used_only_when_training():
+    from deepfm.models.layers import _AlignedLinear, linear
+
+    torch.manual_seed(0)
+    layer = torch.nn.Linear(390, 24)  # 390 % 16 != 0: the padded grad-input path
+    x = torch.randn(32, 390, requires_grad=True)
+    y = linear(layer, x)
+    assert y.grad_fn is not None and "AlignedLinear" in type(y.grad_fn).__name__
+    g = torch.randn_like(y)
+    grads = torch.autograd.grad(y, (x, layer.weight, layer.bias), g)
+    want = torch.autograd.grad(layer(x), (x, layer.weight, layer.bias), g)
+    for a, b in zip(grads, want, strict=True):
+        assert a.shape == b.shape and torch.allclose(a, b, atol=1e-5)
+    args = [torch.randn(*shape, dtype=torch.double, requires_grad=True) for shape in ((4, 21), (3, 21), (3,))]
+    assert torch.autograd.gradcheck(_AlignedLinear.apply, args)
+    layer.eval()  # scoring and export see the plain module
+    assert "AlignedLinear" not in type(linear(layer, x).grad_fn).__name__
+    assert "AlignedLinear" not in type(linear(torch.nn.Linear(400, 3), x[:, :1].expand(32, 400)).grad_fn).__name__
