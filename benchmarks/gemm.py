@@ -3,7 +3,7 @@
 The training-sample cost of the paper's MLP (390-400-400-400-1) is 3 GEMMs forward and ~6 backward;
 ``limit_samples_per_s`` = rate / flops_per_sample is the ceiling a GEMM-bound trainer can reach.
 
-    python benchmarks/gemm.py [--threads N] [--batch 4096]
+    python benchmarks/gemm.py [--threads N] [--batch 4096] [--numpy]
 """
 
 from __future__ import annotations
@@ -79,10 +79,36 @@ def measure(threads: int, batch: int = 4096, d_in: int = 390, hidden: list[int] 
     return out
 
 
+def numpy_rate(batch: int = 4096, d_in: int = 390, hidden: list[int] | None = None, windows: int = 7) -> float:
+    """The same GEMMs through numpy's BLAS (OpenBLAS in the wheels), median GFLOP/s of 1 s windows: a
+    second reading of what this CPU can do. torch's BLAS is MKL, which takes a slower code path on AMD."""
+    import numpy as np
+
+    dims = [d_in, *(hidden or [400, 400, 400]), 1]
+    xs = [np.random.randn(batch, a).astype(np.float32) for a in dims[:-1]]
+    ws = [(np.random.randn(b, a) * 0.05).astype(np.float32) for a, b in zip(dims[:-1], dims[1:], strict=True)]
+    gs = [np.random.randn(batch, b).astype(np.float32) for b in dims[1:]]
+    rates = []
+    for _ in range(windows):
+        n, t0 = 0, time.perf_counter()
+        while time.perf_counter() - t0 < 1.0:
+            for x, w, g in zip(xs, ws, gs, strict=True):
+                x @ w.T
+                g @ w
+                g.T @ x
+            n += 1
+        rates.append(n * batch * mlp_flops_per_sample(d_in, dims[1:-1]) / (time.perf_counter() - t0) / 1e9)
+    return statistics.median(rates)
+
+
 if __name__ == "__main__":
     ap = argparse.ArgumentParser(description=__doc__)
     ap.add_argument("--threads", type=int, default=0)
     ap.add_argument("--batch", type=int, default=4096)
+    ap.add_argument("--numpy", action="store_true", help="also time the GEMMs through numpy's BLAS")
     a = ap.parse_args()
     import os
-    print(json.dumps(measure(a.threads or os.cpu_count() or 1, a.batch)))
+    out = measure(a.threads or os.cpu_count() or 1, a.batch)
+    if a.numpy:
+        out["numpy_fp32_gflops"] = round(numpy_rate(a.batch), 1)
+    print(json.dumps(out))
