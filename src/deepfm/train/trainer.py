@@ -238,8 +238,9 @@ def fit(
     named = [(n, p) for n, p in model.named_parameters() if id(p) not in tables]
     dense = [p for n, p in named if n.startswith("dnn.")]
     other = [p for n, p in named if not n.startswith("dnn.")]
+    # fused: one kernel per tensor for the whole Adam update (half the foreach time on CPU); same algorithm
     opt = torch.optim.Adam([{"params": other}, {"params": dense, "weight_decay": model.cfg.net_l2}], lr=cfg.lr,
-                           foreach=True)
+                           fused=True)
     loss_fn = torch.nn.BCEWithLogitsLoss()
     rng = np.random.default_rng(cfg.seed)  # the epoch order: the same on every rank
     ranks, lead = dist.world(), dist.rank() == 0
