@@ -131,6 +131,8 @@ class FastDropout(nn.Module):
 
     def forward(self, x: torch.Tensor, relu: bool = False) -> torch.Tensor:
         if not self.training or self.p == 0:
+            if relu and not torch.is_grad_enabled():
+                return x.relu_()  # scoring: x is the Linear's fresh output, used by nothing else
             return torch.relu(x) if relu else x
         c = self.mask(x.shape)
         return _ReLUDropout.apply(x, c, 1.0 / (1.0 - self.p)) if relu else _MaskScale.apply(x, c)
