@@ -73,10 +73,28 @@ def measure(threads: int, batch: int = 4096, d_in: int = 390, hidden: list[int] 
     out["fp32_gflops_max"] = round(max(padded), 1)
     # for reference: the same GEMMs with the unpadded grad-input (what a plain nn.Linear runs)
     out["fp32_gflops_unpadded"] = round(statistics.median(plain), 1)
+    out["grad_input_ms"] = grad_input_ms(batch, d_in, hidden[0])
     rate = gemm_rate(torch.bfloat16, batch, d_in, hidden, seconds=1.0)
     out["bf16_gflops"] = round(rate, 1)
     out["bf16_limit_samples_per_s"] = round(rate * 1e9 / fps)
     return out
+
+
+def grad_input_ms(batch: int, d_in: int, width: int, calls: int = 20) -> dict:
+    """Median ms of the first layer's grad-input GEMM ``g [batch, width] @ W [width, d_in]`` as is and with
+    W's columns zero-padded to a multiple of 16 (what models.layers._AlignedLinear runs)."""
+    g, w = torch.randn(batch, width), torch.randn(width, d_in) * 0.05
+    wp = torch.nn.functional.pad(w, (0, -d_in % 16))
+    times: dict[str, list[float]] = {"plain": [], "padded": []}
+    for _ in range(3):
+        g @ w, g @ wp
+    for _ in range(calls):  # alternating, so drift hits both alike
+        for name, m in (("plain", w), ("padded", wp)):
+            t0 = time.perf_counter()
+            g @ m
+            times[name].append((time.perf_counter() - t0) * 1e3)
+    return {f"{name}_{d_in}_to_{m.shape[1]}" if name == "padded" else f"{name}_{d_in}": round(statistics.median(t), 2)
+            for (name, t), m in zip(times.items(), (w, wp), strict=True)}
 
 
 def numpy_rate(batch: int = 4096, d_in: int = 390, hidden: list[int] | None = None, windows: int = 7) -> float:
