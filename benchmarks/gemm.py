@@ -28,8 +28,8 @@ def gemm_rate(dtype: torch.dtype, batch: int, d_in: int, hidden: list[int], seco
     """GFLOP/s of the MLP's GEMMs alone (forward, grad-input, grad-weight), no elementwise work.
 
     pad: run the grad-input GEMM with W's columns padded to a multiple of 16, as the trainer does
-    (models.layers._AlignedLinear): MKL is 1.3-1.6x slower on ``g @ W`` when W's width (390 for the
-    first layer) is not a multiple of 16. The rate still counts only the unpadded FLOPs, so the limit
+    (models.layers._AlignedLinear): MKL is slower on ``g @ W`` when W's width (390 for the first layer)
+    is not a multiple of 16 (see ``grad_input_ms``). The rate still counts only the unpadded FLOPs, so the limit
     is that of the best layout, not of a slow one."""
     dims = [d_in, *hidden, 1]
     xs = [torch.randn(batch, a).to(dtype) for a in dims[:-1]]

@@ -212,8 +212,8 @@ def gather_rows(table: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
 class _AlignedLinear(torch.autograd.Function):
     """``F.linear`` whose input gradient ``g @ W`` runs with W's columns zero-padded to a multiple of 16.
 
-    MKL's sgemm is 1.3-1.6x slower when that product's output width (the layer's input width, e.g. the
-    39 x 10 = 390 of DeepFM's first layer) is not a multiple of 16 (``benchmarks/gemm.py`` measures both);
+    MKL's sgemm is slower (about 1.35x here, ``grad_input_ms`` of ``benchmarks/gemm.py``) when that
+    product's output width (the layer's input width, e.g. DeepFM's 39 x 10 = 390) is not a multiple of 16;
     padding a copy of W (KBs) and slicing the result costs far less. Same math; the forward is ``addmm``."""
 
     @staticmethod
