@@ -51,3 +51,19 @@ def stop_server(proc) -> None:
     with contextlib.suppress(ProcessLookupError):
         os.killpg(proc.pid, signal.SIGKILL)
     proc.wait(timeout=10)
+
+
+def wait_healthy(healthz, proc, log: Path, timeout: float = 180) -> None:
+    """Wait until ``healthz()`` returns status 200 (connection errors mean not yet), or stop the server and
+    fail with the end of its log. The timeout covers two workers importing torch on a loaded 2-core box."""
+    import time
+
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        try:
+            if healthz()[0] == 200:
+                return
+        except OSError:
+            time.sleep(0.1)
+    stop_server(proc)
+    pytest.fail("server did not start: " + log.read_text()[-2000:])

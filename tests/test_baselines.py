@@ -9,7 +9,7 @@ import torch
 
 from deepfm.data import readers
 from deepfm.data.preprocess import Preprocessor
-from deepfm.data.store import Batcher, FieldSpec, layout
+from deepfm.data.store import Batcher, layout
 from deepfm.errors import BundleError
 from deepfm.models.baselines import FMDNN, FNN, init_from_fm
 from deepfm.models.ctr import MODEL_NAMES, CTRModel, ModelConfig, build_model
@@ -19,27 +19,12 @@ from deepfm.serve.bundle import Bundle
 from deepfm.serve.fastpath import NUMPY_KINDS, NumpyForward
 from deepfm.serve.predictor import Predictor
 from deepfm.train.trainer import TrainConfig, fit
+from tests.test_model import FIELDS, _inputs  # F = 5 fields, S = 7 slots
 
 ALL = ("lr", "fm", "dnn", "deepfm", "wdl", "fnn", "ipnn", "opnn", "pnnstar", "fmdnn")
-# two categorical, two numeric and a mean-pooled multi-valued field (3 slots): F = 5, S = 7
-FIELDS = [FieldSpec("a", "cat", 5, 1), FieldSpec("b", "cat", 7, 1), FieldSpec("x", "num", 2, 1),
-          FieldSpec("y", "num", 2, 1), FieldSpec("tags", "multi", 6, 3, "mean")]
 OFFSETS = [0, 5, 12, 14, 16]  # first row of each field in the fused tables
 SLOT_FIELD = [0, 1, 2, 3, 4, 4, 4]
 F, K = 5, 4
-
-
-def _inputs(B=16, seed=0):
-    g = torch.Generator().manual_seed(seed)
-    idx = torch.stack([torch.randint(0, 5, (B,), generator=g), torch.randint(0, 7, (B,), generator=g),
-                       torch.randint(0, 2, (B,), generator=g), torch.zeros(B, dtype=torch.long),
-                       *[torch.randint(0, 6, (B,), generator=g) for _ in range(3)]], 1)
-    val = torch.ones(B, 7)
-    val[:, 2] = torch.where(idx[:, 2] == 0, torch.randn(B, generator=g), 1.0)
-    val[:, 3] = torch.randn(B, generator=g)
-    lens = torch.randint(1, 4, (B,), generator=g)
-    val[:, 4:] = (torch.arange(3)[None] < lens[:, None]).float() / lens[:, None]
-    return idx, val
 
 
 def _model(name, **kw):

@@ -36,7 +36,7 @@ from deepfm.schema import Field, Schema
 from deepfm.serve.predictor import Predictor
 from deepfm.serve.records import RecordEncoder, RecordError
 from deepfm.serve.server import ServeConfig, create_app
-from tests.conftest import stop_server
+from tests.conftest import stop_server, wait_healthy
 
 schemathesis = pytest.importorskip("schemathesis")
 from hypothesis import HealthCheck, settings  # noqa: E402
@@ -122,16 +122,7 @@ def server(bundle, tmp_path_factory):
                                  "--admin-token", TOKEN, "--log-level", "warning"], stdout=fh, stderr=subprocess.STDOUT,
                                 start_new_session=True)
     srv = Server(f"http://127.0.0.1:{port}", port, proc, log)
-    deadline = time.time() + 180  # two workers importing torch on a loaded 2-core machine
-    while time.time() < deadline:
-        try:
-            if request(srv, "GET", "/healthz")[0] == 200:
-                break
-        except OSError:
-            time.sleep(0.1)
-    else:
-        stop_server(proc)
-        pytest.fail("server did not start: " + log.read_text()[-2000:])
+    wait_healthy(lambda: request(srv, "GET", "/healthz"), proc, log)
     time.sleep(1.0)  # both workers up
     yield srv
     stop_server(proc)

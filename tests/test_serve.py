@@ -30,7 +30,7 @@ from deepfm.schema import MISSING, OOV, Field, Schema
 from deepfm.serve.predictor import Predictor
 from deepfm.serve.records import RecordEncoder, RecordError, fnv1a64_str
 from deepfm.train.metrics import evaluate as metrics
-from tests.conftest import stop_server, write
+from tests.conftest import stop_server, wait_healthy, write
 
 FAST = ["--epochs", "1", "--batch-size", "256", "--quiet", "--set", "model.hidden=[32,32]"]
 
@@ -237,16 +237,7 @@ def server(trained, tmp_path_factory):
                                  "--workers", "2", "--max-rows", "50", "--max-body-mb", "0.05", "--log-level",
                                  "warning"], env=env, stdout=fh, stderr=subprocess.STDOUT, start_new_session=True)
     url = f"http://127.0.0.1:{port}"
-    deadline = time.time() + 180  # two workers importing torch on a loaded 2-core machine
-    while time.time() < deadline:
-        try:
-            if _http(url + "/healthz")[0] == 200:
-                break
-        except OSError:
-            time.sleep(0.1)
-    else:
-        stop_server(proc)
-        pytest.fail("server did not start: " + log.read_text()[-2000:])
+    wait_healthy(lambda: _http(url + "/healthz"), proc, log)
     yield url
     stop_server(proc)
 

@@ -28,6 +28,36 @@ def friendly(fn):
     return wrapper
 
 
+def input_options(fn):
+    """--format, --train, --valid, --valid-fraction, --schema: the training inputs of train and tune."""
+    for opt in reversed([
+        click.option("--format", "fmt", type=click.Choice(FORMATS),
+                     help="Input format (csv/tsv/parquet need --schema)."),
+        click.option("--train", "train_path", required=True, type=click.Path(exists=True), help="Training data."),
+        click.option("--valid", "valid_path", type=click.Path(exists=True),
+                     help="Validation data (else --valid-fraction)."),
+        click.option("--valid-fraction", type=float, default=0.1, show_default=True,
+                     help="Seeded random share of --train held out for validation when --valid is not given."),
+        click.option("--schema", "schema_path", type=click.Path(exists=True), help="Feature schema (YAML/JSON)."),
+    ]):
+        fn = opt(fn)
+    return fn
+
+
+def loading_options(fn):
+    """--threads, --min-count, --on-bad-rows, --cache-dir, --no-cache: shared by train, compare and tune."""
+    for opt in reversed([
+        click.option("--threads", type=int, help="Intra-op CPU threads (default: the cores this process may use)."),
+        click.option("--min-count", type=int, help="Override every field's min_count."),
+        click.option("--on-bad-rows", type=click.Choice(["error", "skip"]), default="error", show_default=True),
+        click.option("--cache-dir", type=click.Path(),
+                     help="Encoded-store cache (default ~/.cache/deepfm, $DEEPFM_CACHE)."),
+        click.option("--no-cache", is_flag=True, help="Do not read or write the encoded-store cache."),
+    ]):
+        fn = opt(fn)
+    return fn
+
+
 def _schema(path: str | None, fmt: str | None, min_count: int | None):
     from deepfm import schema as schema_mod
     from deepfm.data import readers
@@ -87,13 +117,8 @@ def main() -> None:
 
 # ------------------------------------------------------------------------------------------- train
 @main.command()
-@click.option("--format", "fmt", type=click.Choice(FORMATS), help="Input format (csv/tsv/parquet need --schema).")
-@click.option("--train", "train_path", required=True, type=click.Path(exists=True), help="Training data.")
-@click.option("--valid", "valid_path", type=click.Path(exists=True), help="Validation data (else --valid-fraction).")
-@click.option("--valid-fraction", type=float, default=0.1, show_default=True,
-              help="Seeded random share of --train held out for validation when --valid is not given.")
+@input_options
 @click.option("--test", "test_path", type=click.Path(exists=True), help="Optional test data scored at the end.")
-@click.option("--schema", "schema_path", type=click.Path(exists=True), help="Feature schema (YAML/JSON).")
 @click.option("--out", required=True, type=click.Path(), help="Output bundle folder.")
 @click.option("--model", type=click.Choice(list(MODEL_NAMES)), default=None,
               help="Model (default: the preset's, deepfm): the paper's Table 2 baselines lr, fm, fnn, ipnn, opnn, "
@@ -105,16 +130,12 @@ def main() -> None:
 @click.option("--batch-size", help="Rows per step, or 'auto' (about 100 steps per epoch, 128-4096).")
 @click.option("--lr", type=float)
 @click.option("--seed", type=int, help="Seed for the split, initialisation, shuffling and dropout.")
-@click.option("--threads", type=int, help="Intra-op CPU threads (default: the cores this process may use).")
 @click.option("--embedding-update", type=click.Choice(["dense", "sparse", "auto"]),
               help="dense: Adam over whole tables (the reference); sparse: lazy Adam on the rows each batch "
                    "touches (cost independent of the vocabulary); auto: sparse from 1M table rows up.")
 @click.option("--precision", type=click.Choice(["fp32", "bf16"]),
               help="bf16 autocast of the MLP (fast only on CPUs with AVX512-BF16/AMX, and on GPUs).")
-@click.option("--min-count", type=int, help="Override every field's min_count.")
-@click.option("--on-bad-rows", type=click.Choice(["error", "skip"]), default="error", show_default=True)
-@click.option("--cache-dir", type=click.Path(), help="Encoded-store cache (default ~/.cache/deepfm, $DEEPFM_CACHE).")
-@click.option("--no-cache", is_flag=True, help="Do not read or write the encoded-store cache.")
+@loading_options
 @click.option("--streaming", is_flag=True,
               help="Out of core: fit preprocessing in one streaming pass and train from shards on disk "
                    "(memory bounded by the model and a few shards, whatever the data size).")

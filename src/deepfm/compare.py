@@ -27,11 +27,10 @@ from typing import Any
 import click
 import numpy as np
 
-from deepfm.cli import friendly  # cli loads this module lazily, when the command runs
+from deepfm.cli import FORMATS, friendly, loading_options  # cli loads this module lazily, when it runs
 from deepfm.config import MODEL_NAMES  # not models.ctr: loading the command must not import torch
 from deepfm.errors import DeepFMError
 
-FORMATS = ("criteo", "avazu", "libfm", "movielens", "csv", "tsv", "parquet")
 # the names the paper's Table 2 uses (wdl is its LR&DNN, fmdnn its FM&DNN)
 DISPLAY = {"lr": "LR", "fm": "FM", "fnn": "FNN", "ipnn": "IPNN", "opnn": "OPNN", "pnnstar": "PNN*",
            "wdl": "LR&DNN", "fmdnn": "FM&DNN", "deepfm": "DeepFM", "dnn": "DNN"}
@@ -486,11 +485,7 @@ def _train_one(pipeline: Any, prep: Any, test: Any, r: Run, out: Path, fmt: str,
 @click.option("--set", "overrides", multiple=True, metavar="SECTION.KEY=VALUE",
               help="Override a preset option for every model, e.g. --set model.hidden=[400,400,400].")
 @click.option("--epochs", type=int, help="Maximum epochs (early stopping on the validation metric).")
-@click.option("--threads", type=int, help="Intra-op CPU threads (default: the cores this process may use).")
-@click.option("--min-count", type=int, help="Override every field's min_count.")
-@click.option("--on-bad-rows", type=click.Choice(["error", "skip"]), default="error", show_default=True)
-@click.option("--cache-dir", type=click.Path(), help="Encoded-store cache (default ~/.cache/deepfm, $DEEPFM_CACHE).")
-@click.option("--no-cache", is_flag=True, help="Do not read or write the encoded-store cache.")
+@loading_options
 @click.option("--streaming", is_flag=True,
               help="Out of core, as `deepfm train --streaming`: fit in one streaming pass, train from shards on disk.")
 @click.option("--budget-minutes", type=float,

@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import csv
 import dataclasses
-import functools
 import json
 import math
 import time
@@ -36,7 +35,7 @@ import click
 import numpy as np
 import yaml
 
-from deepfm.data.readers import FORMATS
+from deepfm.cli import friendly, input_options, loading_options  # cli loads this module lazily
 from deepfm.errors import DeepFMError
 from deepfm.models.ctr import MODEL_NAMES, MODELS, ModelConfig
 from deepfm.train.trainer import TrainConfig
@@ -409,25 +408,10 @@ def plot_param_importance(imp: dict[str, float] | None, why: str | None, path: P
 
 
 # ------------------------------------------------------------------------------------------- CLI
-def _friendly(fn):
-    """The CLI's error handling (deepfm.cli.friendly), looked up at call time: cli.py imports this module."""
-
-    @functools.wraps(fn)
-    def wrapper(*args: Any, **kwargs: Any) -> Any:
-        from deepfm.cli import friendly
-
-        return friendly(fn)(*args, **kwargs)
-
-    return wrapper
 
 
 @click.command("tune")
-@click.option("--format", "fmt", type=click.Choice(FORMATS), help="Input format (csv/tsv/parquet need --schema).")
-@click.option("--train", "train_path", required=True, type=click.Path(exists=True), help="Training data.")
-@click.option("--valid", "valid_path", type=click.Path(exists=True), help="Validation data (else --valid-fraction).")
-@click.option("--valid-fraction", type=float, default=0.1, show_default=True,
-              help="Seeded random share of --train held out for validation when --valid is not given.")
-@click.option("--schema", "schema_path", type=click.Path(exists=True), help="Feature schema (YAML/JSON).")
+@input_options
 @click.option("--out", required=True, type=click.Path(file_okay=False),
               help="Output folder: study.db, trials.csv, best.yaml, study.json, history.png, importance.png.")
 @click.option("--trials", type=click.IntRange(min=1), help="Trials in the study, in all (with --resume, those "
@@ -451,12 +435,8 @@ def _friendly(fn):
               help="Hidden layers are searched in 1..N.")
 @click.option("--no-prune", is_flag=True, help="Run every trial to the end (no median pruning).")
 @click.option("--resume", is_flag=True, help="Continue the study in --out (same options).")
-@click.option("--threads", type=int, help="Intra-op CPU threads (default: the cores this process may use).")
-@click.option("--min-count", type=int, help="Override every field's min_count.")
-@click.option("--on-bad-rows", type=click.Choice(["error", "skip"]), default="error", show_default=True)
-@click.option("--cache-dir", type=click.Path(), help="Encoded-store cache (default ~/.cache/deepfm, $DEEPFM_CACHE).")
-@click.option("--no-cache", is_flag=True, help="Do not read or write the encoded-store cache.")
-@_friendly
+@loading_options
+@friendly
 def tune_command(fmt, train_path, valid_path, valid_fraction, schema_path, out, trials, minutes, preset, overrides,
                  model, epochs, batch_size, seed, max_neurons, max_layers, no_prune, resume, threads, min_count,
                  on_bad_rows, cache_dir, no_cache) -> None:
