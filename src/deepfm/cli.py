@@ -58,6 +58,22 @@ def loading_options(fn):
     return fn
 
 
+def input_format(fmt: str | None, schema_path: str | None, train_path: str) -> str:
+    """The training data's format: --format, else from --schema and the file name (parquet or csv)."""
+    if fmt is None and schema_path is None:
+        raise DeepFMError("pass --format (criteo, avazu, libfm, movielens) or --format csv/parquet with --schema")
+    return fmt or ("parquet" if str(train_path).endswith(".parquet") else "csv")
+
+
+def batch_size_option(batch_size: str | None) -> int | str | None:
+    """--batch-size: a positive integer, 'auto', or None (the preset's)."""
+    if batch_size is None or batch_size == "auto":
+        return batch_size
+    if not batch_size.isdigit():
+        raise DeepFMError(f"--batch-size must be a positive integer or 'auto', got {batch_size!r}")
+    return int(batch_size)
+
+
 def _schema(path: str | None, fmt: str | None, min_count: int | None):
     from deepfm import schema as schema_mod
     from deepfm.data import readers
@@ -176,15 +192,10 @@ def train(fmt, train_path, valid_path, valid_fraction, test_path, schema_path, o
         fmt = fmt or parent.data_format
         if model is not None and model != parent.model.cfg.model:
             raise DeepFMError(f"--init-from: the bundle is a {parent.model.cfg.model} model, not {model}")
-    if fmt is None and schema_path is None:
-        raise DeepFMError("pass --format (criteo, avazu, libfm, movielens) or --format csv/parquet with --schema")
+    fmt = input_format(fmt, schema_path, train_path)
     ranked = dist.init_from_env()
     lead = dist.rank() == 0
-    fmt = fmt or ("parquet" if str(train_path).endswith(".parquet") else "csv")
-    if batch_size is not None and batch_size != "auto":
-        if not batch_size.isdigit():
-            raise DeepFMError(f"--batch-size must be a positive integer or 'auto', got {batch_size!r}")
-        batch_size = int(batch_size)
+    batch_size = batch_size_option(batch_size)
     model_cfg, train_cfg = pipeline.resolve_config(preset, list(overrides), model=model, epochs=epochs,
                                                    batch_size=batch_size, lr=lr, seed=seed, threads=threads,
                                                    embedding_update=embedding_update, precision=precision,

@@ -35,7 +35,13 @@ import click
 import numpy as np
 import yaml
 
-from deepfm.cli import friendly, input_options, loading_options  # cli loads this module lazily
+from deepfm.cli import (  # cli loads this module lazily
+    batch_size_option,
+    friendly,
+    input_format,
+    input_options,
+    loading_options,
+)
 from deepfm.errors import DeepFMError
 from deepfm.models.ctr import MODEL_NAMES, MODELS, ModelConfig
 from deepfm.train.trainer import TrainConfig
@@ -466,13 +472,8 @@ def tune_command(fmt, train_path, valid_path, valid_fraction, schema_path, out, 
 
     if trials is None and minutes is None:
         raise DeepFMError("give a budget: --trials N and/or --minutes M")
-    if fmt is None and schema_path is None:
-        raise DeepFMError("pass --format (criteo, avazu, libfm, movielens) or --format csv/parquet with --schema")
-    fmt = fmt or ("parquet" if str(train_path).endswith(".parquet") else "csv")
-    if batch_size is not None and batch_size != "auto":
-        if not batch_size.isdigit():
-            raise DeepFMError(f"--batch-size must be a positive integer or 'auto', got {batch_size!r}")
-        batch_size = int(batch_size)
+    fmt = input_format(fmt, schema_path, train_path)
+    batch_size = batch_size_option(batch_size)
     model_cfg, train_cfg = pipeline.resolve_config(preset, list(overrides), model=model, epochs=epochs,
                                                    batch_size=batch_size, seed=seed, threads=threads)
     from deepfm import schema as schema_mod
