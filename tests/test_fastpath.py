@@ -243,3 +243,67 @@ def test_aligned_linear_matches_nn_linear_and_is_used_only_when_training():
     layer.eval()  # scoring and export see the plain module
     assert "AlignedLinear" not in type(linear(layer, x).grad_fn).__name__
     assert "AlignedLinear" not in type(linear(torch.nn.Linear(400, 3), x[:, :1].expand(32, 400)).grad_fn).__name__
+
+
+def _mlp_step(hidden, p, seed=0):
+    from deepfm.models.layers import MLP
+
+    torch.manual_seed(seed)
+    mlp = MLP(37, hidden, p, False, "relu").train()
+    x = torch.randn(70, 37, requires_grad=True)
+    out = mlp(x)
+    g = torch.randn_like(out)
+    grads = torch.autograd.grad(out, [x, *mlp.parameters()], g)
+    return out, grads, out.grad_fn
+
+
+@pytest.mark.parametrize("p", [0.5, 0.25, 0.125, 0.1, 0.3])
+def test_fused_linear_relu_dropout_kernels_match_the_eager_path(p, monkeypatch):
+    from deepfm.models import kernels
+
+    if kernels.library() is None:
+        pytest.skip(f"fused kernels unavailable: {kernels.status()}")
+    hidden = [45, 33]  # widths that are not multiples of 8: the kernels' row tails
+    out, grads, _ = _mlp_step(hidden, p)
+    monkeypatch.setattr(kernels, "library", lambda: None)
+    want, want_grads, _ = _mlp_step(hidden, p)  # the same seed: the same mask bits
+    assert torch.allclose(out, want, atol=1e-6, rtol=1e-5)
+    for a, b in zip(grads, want_grads, strict=True):
+        assert a.shape == b.shape and torch.allclose(a, b, atol=1e-5, rtol=1e-5)
+
+
+def test_fused_path_is_used_when_training_and_eager_otherwise():
+    from deepfm.models import kernels
+    from deepfm.models.layers import MLP
+
+    if kernels.library() is None:
+        pytest.skip(f"fused kernels unavailable: {kernels.status()}")
+    mlp = MLP(16, [8], 0.5, False, "relu").train()
+    x = torch.randn(4, 16)
+
+    def fns(y):  # the autograd nodes of the graph, by name
+        seen, todo = set(), [y.grad_fn]
+        while todo:
+            f = todo.pop()
+            if f is not None and f not in seen:
+                seen.add(f)
+                todo.extend(n for n, _ in f.next_functions)
+        return {type(f).__name__ for f in seen}
+
+    assert any("LinearReLUDropout" in n for n in fns(mlp(x)))
+    assert not any("LinearReLUDropout" in n for n in fns(MLP(16, [8], 0.5, True, "relu").train()(x)))  # BN between
+    with torch.no_grad():
+        assert mlp.eval()(x).grad_fn is None
+
+
+def test_kernels_can_be_turned_off(monkeypatch, tmp_path):
+    from deepfm.models import kernels
+
+    monkeypatch.setenv("DEEPFM_KERNELS", "0")
+    monkeypatch.setattr(kernels, "_state", {})
+    assert kernels.library() is None and kernels.status().startswith("off (DEEPFM_KERNELS=0)")
+    monkeypatch.delenv("DEEPFM_KERNELS")
+    monkeypatch.setenv("CC", str(tmp_path / "no-such-cc"))
+    monkeypatch.setenv("PATH", str(tmp_path))
+    monkeypatch.setattr(kernels, "_state", {})
+    assert kernels.library() is None and "no C compiler" in kernels.status()

@@ -13,6 +13,7 @@ import torch
 from torch import nn
 
 from deepfm.data.store import FieldSpec
+from deepfm.models import kernels
 
 
 class FusedTable(nn.Module):
@@ -99,33 +100,43 @@ class FastDropout(nn.Module):
         self.bits = next(k for k in (1, 2, 4, 8, 16) if threshold % (1 << (16 - k)) == 0)
         self.threshold = threshold >> (16 - self.bits)
         self.rng: np.random.Generator | None = None
-        self.pending: collections.deque[torch.Tensor] = collections.deque()  # made ahead by a loader thread
+        # (shape, bits) made ahead by a loader thread
+        self.pending: collections.deque[tuple[torch.Size, np.ndarray]] = collections.deque()
 
     def premake(self, shape: tuple[int, ...]) -> None:
-        """Draw the mask of a coming step now (from the loader thread, which then is the only one drawing:
-        masks stay in step order, so runs stay reproducible)."""
-        self.pending.append(self.mask(torch.Size(shape), fresh=True))
+        """Draw the mask bits of a coming step now (from the loader thread, which then is the only one
+        drawing: masks stay in step order, so runs stay reproducible)."""
+        self.pending.append((torch.Size(shape), self.draw(torch.Size(shape), fresh=True)))
+
+    def draw(self, shape: torch.Size, fresh: bool = False) -> np.ndarray:
+        """The raw bits of one mask: uint64 [rows, words], rows = prod(shape[:-1]), each row starting on a
+        word (so the fused kernel and :meth:`mask` read row r at the same place); element j of a row is kept
+        when its ``bits``-wide field (bits j*k .. j*k+k-1, little-endian) is >= ``threshold``."""
+        if not fresh and self.pending:
+            made, raw = self.pending.popleft()
+            if made == shape:
+                return raw
+            raise RuntimeError(f"premade dropout mask {tuple(made)} does not fit {tuple(shape)}")
+        if self.rng is None:
+            self.rng = np.random.default_rng(int(torch.randint(0, 2**62, (1,)).item()))
+        cols = shape[-1]
+        rows = int(np.prod(shape[:-1]))
+        words = (cols * self.bits + 63) // 64
+        return self.rng.bit_generator.random_raw(rows * words).reshape(rows, words)
 
     def mask(self, shape: torch.Size, fresh: bool = False) -> torch.Tensor:
         """float32 [shape]: 1 / (1 - p) where kept, 0 where dropped (made in numpy: its bool -> float cast
         is 2-3x cheaper than torch's on CPU)."""
-        if not fresh and self.pending:
-            c = self.pending.popleft()
-            if c.shape == shape:
-                return c
-            raise RuntimeError(f"premade dropout mask {tuple(c.shape)} does not fit {tuple(shape)}")
-        if self.rng is None:
-            self.rng = np.random.default_rng(int(torch.randint(0, 2**62, (1,)).item()))
-        n, k = int(np.prod(shape)), self.bits
-        raw = self.rng.bit_generator.random_raw((n * k + 63) // 64)
+        raw = self.draw(shape, fresh)
+        cols, k = shape[-1], self.bits
+        b = raw.view(np.uint8)  # [rows, words * 8], little-endian bytes
         if k == 1:  # p = 0.5: each bit is one element's draw
-            keep = np.unpackbits(raw.view(np.uint8), count=n, bitorder="little").view(bool)
+            keep = np.unpackbits(b, axis=1, count=cols, bitorder="little").view(bool)
         elif k < 8:
-            b = raw.view(np.uint8)
-            r = (b[:, None] >> np.arange(0, 8, k, dtype=np.uint8)) & np.uint8((1 << k) - 1)
-            keep = r.reshape(-1)[:n] >= self.threshold
+            r = (b[:, :, None] >> np.arange(0, 8, k, dtype=np.uint8)) & np.uint8((1 << k) - 1)
+            keep = r.reshape(b.shape[0], -1)[:, :cols] >= self.threshold
         else:
-            keep = raw.view(np.uint8 if k == 8 else np.uint16)[:n] >= self.threshold
+            keep = raw.view(np.uint8 if k == 8 else np.uint16)[:, :cols] >= self.threshold
         return torch.from_numpy(np.multiply(keep, np.float32(1.0 / (1.0 - self.p)), dtype=np.float32)
                                 ).view(shape)
 
@@ -209,6 +220,17 @@ def gather_rows(table: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
     return _take_rows(table, index)
 
 
+def _grad_input(grad: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    """grad [B, out] @ weight [out, in] -> [B, in], with W's columns zero-padded to a multiple of 16 first
+    when they are not (see :class:`_AlignedLinear`)."""
+    n = weight.shape[1]
+    if n % 16 == 0:
+        return grad.mm(weight)
+    padded = weight.new_zeros(weight.shape[0], -(-n // 16) * 16)
+    padded[:, :n] = weight
+    return grad.mm(padded)[:, :n]
+
+
 class _AlignedLinear(torch.autograd.Function):
     """``F.linear`` whose input gradient ``g @ W`` runs with W's columns zero-padded to a multiple of 16.
 
@@ -226,15 +248,47 @@ class _AlignedLinear(torch.autograd.Function):
         x, weight = ctx.saved_tensors
         gx = gw = gb = None
         if ctx.needs_input_grad[0]:
-            n = weight.shape[1]
-            padded = weight.new_zeros(weight.shape[0], -(-n // 16) * 16)
-            padded[:, :n] = weight
-            gx = grad.mm(padded)[:, :n]
+            gx = _grad_input(grad, weight)
         if ctx.needs_input_grad[1]:
             gw = grad.t().mm(x)
         if ctx.needs_input_grad[2]:
             gb = grad.sum(0)
         return gx, gw, gb
+
+
+class _LinearReLUDropout(torch.autograd.Function):
+    """y = dropout(relu(x W^T + b)) for training on CPU, with the fused C passes of ``kernels``: forward is
+    the GEMM (without the bias copy of ``addmm``) then one in-place pass (bias, ReLU, mask, scale) reading
+    the raw mask bits; backward one pass (mask, scale, bias gradient) and the two GEMMs. Eager PyTorch
+    needs 5-6 passes over the activations for the same (plus a float mask). Saves x, W and y (the next
+    layer's x: no extra memory). Same mask, same math as the eager path (tested)."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, drop: FastDropout  # type: ignore[override]
+                ) -> torch.Tensor:
+        y = torch.mm(x, weight.t())
+        scale = 1.0 / (1.0 - drop.p)
+        kernels.relu_dropout_forward(y, bias, drop.draw(y.shape), drop.bits, drop.threshold, scale)
+        ctx.save_for_backward(x, weight, y)
+        ctx.scale = scale
+        return y
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):  # type: ignore[override]
+        x, weight, y = ctx.saved_tensors
+        gz, gb = kernels.relu_dropout_backward(grad, y, ctx.scale)
+        gx = _grad_input(gz, weight) if ctx.needs_input_grad[0] else None
+        gw = gz.t().mm(x) if ctx.needs_input_grad[1] else None
+        return gx, gw, gb if ctx.needs_input_grad[2] else None, None
+
+
+def _fusable(layer: nn.Linear, drop: FastDropout, x: torch.Tensor) -> bool:
+    """Whether Linear -> ReLU -> ``drop`` runs as :class:`_LinearReLUDropout`: training with gradients, on
+    CPU in float32 without autocast, dropout on, and the kernels built (``kernels.status()``)."""
+    return (layer.training and drop.training and drop.p > 0 and layer.bias is not None and x.dim() == 2
+            and x.device.type == "cpu" and x.dtype == torch.float32 and layer.weight.dtype == torch.float32
+            and torch.is_grad_enabled() and layer.weight.requires_grad and layer.bias.requires_grad
+            and not torch.is_autocast_enabled("cpu") and kernels.library() is not None)
 
 
 def linear(layer: nn.Linear, x: torch.Tensor) -> torch.Tensor:
@@ -275,7 +329,10 @@ class MLP(nn.Module):
         while i < len(layers):
             layer = layers[i]
             nxt = layers[i + 1] if i + 1 < len(layers) else None
-            if isinstance(layer, nn.ReLU) and isinstance(nxt, FastDropout):
+            if (isinstance(layer, nn.Linear) and isinstance(nxt, nn.ReLU) and i + 2 < len(layers)
+                    and isinstance(layers[i + 2], FastDropout) and _fusable(layer, layers[i + 2], x)):
+                x, i = _LinearReLUDropout.apply(x, layer.weight, layer.bias, layers[i + 2]), i + 3
+            elif isinstance(layer, nn.ReLU) and isinstance(nxt, FastDropout):
                 x, i = nxt(x, relu=True), i + 2  # ReLU then dropout in one pass
             elif isinstance(layer, nn.Linear):
                 x, i = linear(layer, x), i + 1

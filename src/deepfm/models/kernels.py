@@ -1,0 +1,165 @@
+"""Optional fused CPU kernels for the training step (``kernels.c``), compiled on first use and cached.
+
+The C file is built with the system C compiler (``$CC``, else ``cc``/``gcc``) into a per-user cache
+(``$DEEPFM_CACHE_DIR``, else ``$XDG_CACHE_HOME/deepfm`` or ``~/.cache/deepfm``), named by a hash of the
+source, the flags and the compiler, written then renamed. Everything degrades to the eager PyTorch path,
+which gives the same results: no compiler, a failed build, a non-Linux platform, an OpenMP runtime other
+than torch's in the process, or ``DEEPFM_KERNELS=0``. ``status()`` says which.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import hashlib
+import os
+import re
+import shutil
+import stat
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+import numpy as np
+import torch
+
+SOURCE = Path(__file__).with_name("kernels.c")
+_FLAG_SETS = (["-O3", "-fPIC", "-shared", "-fopenmp", "-DDEEPFM_CLONES"], ["-O3", "-fPIC", "-shared", "-fopenmp"])
+_state: dict[str, object] = {}
+
+
+def _cache_dir() -> Path:
+    env = os.environ.get("DEEPFM_CACHE_DIR")
+    if env:
+        return Path(env)
+    base = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
+    return Path(base) / "deepfm"
+
+
+def _private(path: Path) -> bool:
+    """Only load a library from a directory and file that no other user can write."""
+    for p in (path.parent, path):
+        st = p.stat()
+        if st.st_uid != os.getuid() or st.st_mode & (stat.S_IWGRP | stat.S_IWOTH):
+            return False
+    return True
+
+
+def _compiler() -> str | None:
+    for name in (os.environ.get("CC"), "cc", "gcc"):
+        if name and shutil.which(name):
+            return shutil.which(name)
+    return None
+
+
+def _openmp_runtimes() -> set[str]:
+    """The OpenMP runtimes mapped into this process (one is fine: then our threads are torch's threads)."""
+    try:
+        maps = Path("/proc/self/maps").read_text()
+    except OSError:
+        return set()
+    return set(re.findall(r"(/\S*lib(?:gomp|iomp5|omp)[\w.-]*\.so[\w.]*)", maps))
+
+
+def _build() -> tuple[ctypes.CDLL | None, str]:
+    if os.environ.get("DEEPFM_KERNELS", "1") == "0":
+        return None, "off (DEEPFM_KERNELS=0)"
+    if not sys.platform.startswith("linux"):
+        return None, f"off (not built on {sys.platform})"
+    cc = _compiler()
+    if cc is None:
+        return None, "off (no C compiler: set CC, or install gcc)"
+    src = SOURCE.read_bytes()
+    try:
+        version = subprocess.run([cc, "--version"], capture_output=True, text=True, timeout=30).stdout
+    except (OSError, subprocess.SubprocessError) as e:
+        return None, f"off ({cc} --version failed: {e})"
+    cache = _cache_dir()
+    try:
+        cache.mkdir(parents=True, exist_ok=True, mode=0o700)
+    except OSError as e:
+        return None, f"off (cache {cache}: {e})"
+    errors = []
+    torch.empty(1)  # torch (and its OpenMP runtime) is loaded before ours, so the library links to it
+    before = _openmp_runtimes()
+    for flags in _FLAG_SETS:
+        key = hashlib.sha256(src + " ".join([cc, *flags, version]).encode()).hexdigest()[:20]
+        lib_path = cache / f"kernels-{key}.so"
+        if not lib_path.exists():
+            fd, tmp = tempfile.mkstemp(suffix=".so", dir=cache)
+            os.close(fd)
+            try:
+                r = subprocess.run([cc, *flags, str(SOURCE), "-o", tmp], capture_output=True, text=True, timeout=120)
+                if r.returncode != 0:
+                    errors.append(r.stderr.strip().splitlines()[-1:] or ["?"])
+                    continue
+                os.chmod(tmp, 0o700)
+                os.replace(tmp, lib_path)
+            except (OSError, subprocess.SubprocessError) as e:
+                errors.append([str(e)])
+                continue
+            finally:
+                if os.path.exists(tmp):
+                    os.unlink(tmp)
+        try:
+            if not _private(lib_path):
+                return None, f"off ({lib_path} is writable by other users)"
+            lib = ctypes.CDLL(str(lib_path))
+        except OSError as e:
+            errors.append([str(e)])
+            continue
+        after = _openmp_runtimes()
+        if before and len(after) > len(before):
+            return None, f"off (a second OpenMP runtime next to torch's: {sorted(after - before)})"
+        p, i64 = ctypes.c_void_p, ctypes.c_int64
+        lib.relu_dropout_forward.argtypes = [p, p, p, i64, ctypes.c_int, ctypes.c_uint32, ctypes.c_float, i64, i64]
+        lib.relu_dropout_forward.restype = None
+        lib.relu_dropout_backward.argtypes = [p, p, p, ctypes.c_float, p, i64, i64]
+        lib.relu_dropout_backward.restype = ctypes.c_int
+        return lib, f"on ({lib_path})"
+    return None, f"off (build failed: {'; '.join(e[0] for e in errors)})"
+
+
+def library() -> ctypes.CDLL | None:
+    """The loaded kernels, or None (built once per process; see ``status``)."""
+    if "lib" not in _state:
+        _state["lib"], _state["status"] = _build()
+    return _state["lib"]  # type: ignore[return-value]
+
+
+def status() -> str:
+    """'on (path)' or 'off (why)'."""
+    library()
+    return str(_state["status"])
+
+
+def _check(t: torch.Tensor, shape: tuple[int, ...]) -> None:
+    if t.dtype != torch.float32 or not t.is_contiguous() or tuple(t.shape) != shape or t.device.type != "cpu":
+        raise ValueError(f"expected a contiguous float32 CPU tensor of shape {shape}, got {t.dtype} "
+                         f"{tuple(t.shape)} contiguous={t.is_contiguous()}")
+
+
+def relu_dropout_forward(z: torch.Tensor, bias: torch.Tensor, bits: np.ndarray, k: int, threshold: int,
+                         scale: float) -> None:
+    """z [rows, cols] <- dropout(relu(z + bias)) in place; ``bits`` [rows, row_words] uint64 row-aligned raw
+    bits, element j kept when its k-bit field >= threshold (see FastDropout.draw)."""
+    rows, cols = z.shape
+    _check(z, (rows, cols))
+    _check(bias, (cols,))
+    if bits.dtype != np.uint64 or bits.shape[0] != rows or bits.shape[1] * 64 < cols * k or not bits.flags.c_contiguous:
+        raise ValueError(f"dropout bits {bits.dtype} {bits.shape} do not cover [{rows}, {cols}] x {k} bits")
+    library().relu_dropout_forward(z.data_ptr(), bias.data_ptr(), bits.ctypes.data, bits.shape[1] * 8, k,
+                                   threshold, scale, rows, cols)
+
+
+def relu_dropout_backward(grad: torch.Tensor, y: torch.Tensor, scale: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """(dL/dz [rows, cols], dL/dbias [cols]) from dL/dy and the forward's output y."""
+    rows, cols = y.shape
+    grad = grad.contiguous()
+    _check(grad, (rows, cols))
+    _check(y, (rows, cols))
+    out, gb = torch.empty_like(y), y.new_empty(cols)
+    if library().relu_dropout_backward(out.data_ptr(), grad.data_ptr(), y.data_ptr(), scale, gb.data_ptr(),
+                                       rows, cols):
+        raise MemoryError("relu_dropout_backward: out of memory for the bias-gradient partial sums")
+    return out, gb
