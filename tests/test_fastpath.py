@@ -307,3 +307,27 @@ def test_kernels_can_be_turned_off(monkeypatch, tmp_path):
     monkeypatch.setenv("PATH", str(tmp_path))
     monkeypatch.setattr(kernels, "_state", {})
     assert kernels.library() is None and "no C compiler" in kernels.status()
+
+
+@pytest.mark.parametrize("kind", ["deepfm", "fm", "dnn", "wdl", "lr"])
+def test_fused_embedding_and_fm_kernels_match_the_eager_path(kind, monkeypatch):
+    from deepfm.models import kernels
+
+    if kernels.library() is None:
+        pytest.skip(f"fused kernels unavailable: {kernels.status()}")
+    idx, val, y = _batch(B=57)
+
+    def step():
+        torch.manual_seed(3)
+        model = CTRModel(FIELDS, ModelConfig(model=kind, embed_dim=5, hidden=[24, 16], init_std=0.1)).train()
+        loss = torch.nn.functional.binary_cross_entropy_with_logits(model(idx, val), y)
+        names, params = zip(*[(n, p) for n, p in model.named_parameters()], strict=True)
+        return loss, dict(zip(names, torch.autograd.grad(loss, params), strict=True))
+
+    loss, grads = step()
+    monkeypatch.setattr(kernels, "library", lambda: None)
+    want_loss, want = step()
+    assert torch.allclose(loss, want_loss, atol=1e-6)
+    assert grads.keys() == want.keys()
+    for name in want:
+        assert torch.allclose(grads[name], want[name], atol=1e-6, rtol=1e-4), name

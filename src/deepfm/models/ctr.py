@@ -97,6 +97,12 @@ class CTRModel(nn.Module):
 
     def forward(self, idx: torch.Tensor, val: torch.Tensor) -> torch.Tensor:
         logit = self.bias.expand(idx.shape[0])
+        if self.v is not None and self.v.fusable(idx, val):  # training on CPU: the same terms, C kernels
+            e, y_fm, y_first = self.v.fused(idx, val, self.use_fm, self.w)
+            for y in (y_first, y_fm):
+                if y is not None:
+                    logit = logit + y
+            return logit + self.dnn(e.flatten(1)) if self.dnn is not None else logit
         if self.w is not None:
             logit = logit + self.w(idx, val).sum(dim=(1, 2))
         if self.v is not None:

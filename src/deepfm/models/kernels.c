@@ -113,3 +113,80 @@ CLONES int relu_dropout_backward(float *restrict out, const float *restrict g, c
     free(blocks);
     return 0;
 }
+
+/* The field embeddings of a batch and, optionally, the FM second-order term, in one pass over the batch:
+ * e[b, f, :] = sum over slots s of field f (slot_field[s] = f) of table[rows[b, s], :] * val[b, s], and
+ * fm[b] = 0.5 * sum_k ((sum_f e[b, f, k])^2 - sum_f e[b, f, k]^2)   (Guo et al. 2017, eq. 2). */
+void embed_forward(const float *restrict table, int64_t K, const int64_t *restrict rows,
+                   const float *restrict val, const int32_t *restrict slot_field, int64_t B, int64_t S,
+                   int64_t F, float *restrict e, float *restrict fm) {
+#pragma omp parallel for schedule(static)
+    for (int64_t b = 0; b < B; b++) {
+        float *restrict eb = e + b * F * K;
+        memset(eb, 0, (size_t)(F * K) * sizeof(float));
+        for (int64_t s = 0; s < S; s++) {
+            const float *restrict t = table + rows[b * S + s] * K;
+            const float v = val[b * S + s];
+            float *restrict o = eb + (int64_t)slot_field[s] * K;
+            for (int64_t k = 0; k < K; k++) o[k] += t[k] * v;
+        }
+        if (fm) {
+            float acc = 0.0f;
+            for (int64_t k = 0; k < K; k++) {
+                float sum = 0.0f, sq = 0.0f;
+                for (int64_t f = 0; f < F; f++) {
+                    float x = eb[f * K + k];
+                    sum += x;
+                    sq += x * x;
+                }
+                acc += sum * sum - sq;
+            }
+            fm[b] = 0.5f * acc;
+        }
+    }
+}
+
+/* The table gradient of embed_forward: de = ge + gfm[b] * (sum_f e[b, f, :] - e[b, f, :]) into scratch
+ * [B, F, K] (ge: row stride ld, may be NULL, as may gfm), then grad[rows[b, s], :] += de[b, field(s), :] *
+ * val[b, s]. Each thread owns one range of table rows and adds in batch order: no races, and the same sums
+ * whatever the thread count. grad [R, K] must be zeroed by the caller. */
+void embed_backward(const float *restrict ge, int64_t ld, const float *restrict gfm, const float *restrict e,
+                    const int64_t *restrict rows, const float *restrict val, const int32_t *restrict slot_field,
+                    int64_t B, int64_t S, int64_t F, int64_t K, float *restrict scratch, float *restrict grad,
+                    int64_t R) {
+#pragma omp parallel for schedule(static)
+    for (int64_t b = 0; b < B; b++) {
+        float *restrict d = scratch + b * F * K;
+        const float *restrict eb = e + b * F * K;
+        if (ge) {
+            const float *restrict g = ge + b * ld;
+            for (int64_t i = 0; i < F * K; i++) d[i] = g[i];
+        } else {
+            memset(d, 0, (size_t)(F * K) * sizeof(float));
+        }
+        if (gfm) {
+            const float c = gfm[b];
+            for (int64_t k = 0; k < K; k++) {
+                float sum = 0.0f;
+                for (int64_t f = 0; f < F; f++) sum += eb[f * K + k];
+                for (int64_t f = 0; f < F; f++) d[f * K + k] += c * (sum - eb[f * K + k]);
+            }
+        }
+    }
+#pragma omp parallel
+    {
+        const int nt = omp_get_num_threads(), t = omp_get_thread_num();
+        const int64_t lo = R * t / nt, hi = R * (t + 1) / nt;
+        for (int64_t b = 0; b < B; b++) {
+            const float *restrict d = scratch + b * F * K;
+            for (int64_t s = 0; s < S; s++) {
+                const int64_t r = rows[b * S + s];
+                if (r < lo || r >= hi) continue;
+                const float v = val[b * S + s];
+                const float *restrict src = d + (int64_t)slot_field[s] * K;
+                float *restrict o = grad + r * K;
+                for (int64_t k = 0; k < K; k++) o[k] += src[k] * v;
+            }
+        }
+    }
+}

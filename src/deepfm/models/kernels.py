@@ -116,6 +116,10 @@ def _build() -> tuple[ctypes.CDLL | None, str]:
         lib.relu_dropout_forward.restype = None
         lib.relu_dropout_backward.argtypes = [p, p, p, ctypes.c_float, p, i64, i64]
         lib.relu_dropout_backward.restype = ctypes.c_int
+        lib.embed_forward.argtypes = [p, i64, p, p, p, i64, i64, i64, p, p]
+        lib.embed_forward.restype = None
+        lib.embed_backward.argtypes = [p, i64, p, p, p, p, p, i64, i64, i64, i64, p, p, i64]
+        lib.embed_backward.restype = None
         return lib, f"on ({lib_path})"
     return None, f"off (build failed: {'; '.join(e[0] for e in errors)})"
 
@@ -163,3 +167,49 @@ def relu_dropout_backward(grad: torch.Tensor, y: torch.Tensor, scale: float) -> 
                                        rows, cols):
         raise MemoryError("relu_dropout_backward: out of memory for the bias-gradient partial sums")
     return out, gb
+
+
+def _ptr(t: torch.Tensor | None) -> int | None:
+    return None if t is None else t.data_ptr()
+
+
+def embed_forward(table: torch.Tensor, rows: torch.Tensor, val: torch.Tensor, slot_field: torch.Tensor,
+                  n_fields: int, fm: bool) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """(e [B, F, K], fm [B] or None): e[b, f] = sum of table[rows[b, s]] * val[b, s] over the slots s of
+    field f; fm the FM second-order term over e. table [R, K] float32, rows [B, S] int64 (< R), val [B, S]
+    float32, slot_field [S] int32 (< n_fields)."""
+    R, K = table.shape
+    B, S = rows.shape
+    _check(table, (R, K))
+    _check(val, (B, S))
+    if (rows.dtype != torch.int64 or not rows.is_contiguous() or slot_field.dtype != torch.int32
+            or tuple(slot_field.shape) != (S,) or not slot_field.is_contiguous()):
+        raise ValueError("rows must be contiguous int64 [B, S] and slot_field contiguous int32 [S]")
+    e = table.new_empty(B, n_fields, K)
+    out = table.new_empty(B) if fm else None
+    library().embed_forward(table.data_ptr(), K, rows.data_ptr(), val.data_ptr(), slot_field.data_ptr(), B, S,
+                            n_fields, e.data_ptr(), _ptr(out))
+    return e, out
+
+
+def embed_backward(grad_e: torch.Tensor | None, grad_fm: torch.Tensor | None, e: torch.Tensor, rows: torch.Tensor,
+                   val: torch.Tensor, slot_field: torch.Tensor, n_rows: int) -> torch.Tensor:
+    """The dense table gradient [n_rows, K] of :func:`embed_forward` from dL/de [B, F, K] (any row stride,
+    unit stride inside a row) and dL/dfm [B] (either may be None)."""
+    B, F, K = e.shape
+    S = rows.shape[1]
+    ld = F * K
+    if grad_e is not None:
+        if grad_e.stride(2) != 1 or grad_e.stride(1) != K:
+            grad_e = grad_e.contiguous()
+        ld = grad_e.stride(0)
+        if grad_e.dtype != torch.float32 or tuple(grad_e.shape) != (B, F, K):
+            raise ValueError(f"grad_e {grad_e.dtype} {tuple(grad_e.shape)} does not fit e {(B, F, K)}")
+    if grad_fm is not None:
+        grad_fm = grad_fm.contiguous()
+        _check(grad_fm, (B,))
+    grad = e.new_zeros(n_rows, K)
+    scratch = e.new_empty(B, F, K)
+    library().embed_backward(_ptr(grad_e), ld, _ptr(grad_fm), e.data_ptr(), rows.data_ptr(), val.data_ptr(),
+                             slot_field.data_ptr(), B, S, F, K, scratch.data_ptr(), grad.data_ptr(), n_rows)
+    return grad

@@ -34,6 +34,8 @@ class FusedTable(nn.Module):
         # Set by train.sparse for one step: (inv [B, S] into leaf, leaf [U, dim] = weight[unique rows]), so
         # that autograd produces a [U, dim] gradient instead of a dense [sum(sizes), dim] one.
         self.gathered: tuple[torch.Tensor, torch.Tensor] | None = None
+        self.slot_field_i32: torch.Tensor | None = None  # for the C kernels, made on first use
+        self.zeros_i32: torch.Tensor | None = None
 
     def global_rows(self, idx: torch.Tensor) -> torch.Tensor:
         """[B, S] local indices -> [B, S] row numbers in the fused table."""
@@ -46,12 +48,64 @@ class FusedTable(nn.Module):
             return gather_rows(leaf, inv)
         return gather_rows(self.weight, self.global_rows(idx))
 
+    def source(self, idx: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(table [R, dim], rows [B, S] into it): the whole table, or this step's gathered leaf."""
+        if self.gathered is not None:
+            inv, leaf = self.gathered
+            return leaf, inv
+        return self.weight, self.global_rows(idx)
+
+    def fused(self, idx: torch.Tensor, val: torch.Tensor, fm: bool, first: FusedTable | None = None
+              ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
+        """Training on CPU with the C kernels (see ``fusable``): (``forward(idx, val)``, its FM term
+        ``fm_second_order`` [B] if ``fm``, and ``first(idx, val).sum((1, 2))`` [B] if ``first``)."""
+        if self.slot_field_i32 is None:
+            self.slot_field_i32 = self.slot_field.to(torch.int32)
+            self.zeros_i32 = torch.zeros_like(self.slot_field_i32)
+        table, rows = self.source(idx)
+        e, y_fm = _FieldEmbed.apply(table, rows.contiguous(), val.contiguous(), self.slot_field_i32,
+                                    self.n_fields, fm)
+        y_first = None
+        if first is not None:
+            table, rows = first.source(idx)
+            y_first = _FieldEmbed.apply(table, rows.contiguous(), val.contiguous(), self.zeros_i32, 1, False)[0]
+            y_first = y_first.view(-1)
+        return e, y_fm, y_first
+
+    def fusable(self, idx: torch.Tensor, val: torch.Tensor) -> bool:
+        """Whether :meth:`fused` can run: gradients on, CPU float32 without autocast, kernels built."""
+        return (self.training and torch.is_grad_enabled() and self.weight.requires_grad
+                and idx.device.type == "cpu" and val.dtype == torch.float32 and not val.requires_grad
+                and self.weight.dtype == torch.float32 and not torch.is_autocast_enabled("cpu")
+                and kernels.library() is not None)
+
     def forward(self, idx: torch.Tensor, val: torch.Tensor) -> torch.Tensor:
         """[B, S] x2 -> [B, F, dim]: x_i * v_i per field (multi-valued slots summed into their field)."""
         e = self.rows(idx) * val.unsqueeze(-1)
         if self.pooled:
             e = e.new_zeros(e.shape[0], self.n_fields, e.shape[2]).index_add_(1, self.slot_field, e)
         return e
+
+
+class _FieldEmbed(torch.autograd.Function):
+    """(e, fm) = (FusedTable.forward, fm_second_order(e)) from (table, rows, val) with the C kernels: one pass
+    over the batch forward; backward one pass for dL/de (the DNN's plus the FM's, S_k - e_fk) and one
+    race-free scatter-add into the dense table gradient (each thread owns a range of rows)."""
+
+    @staticmethod
+    def forward(ctx, table: torch.Tensor, rows: torch.Tensor, val: torch.Tensor, slot_field: torch.Tensor,  # type: ignore[override]
+                n_fields: int, fm: bool) -> tuple[torch.Tensor, torch.Tensor | None]:
+        e, y = kernels.embed_forward(table, rows, val, slot_field, n_fields, fm)
+        ctx.save_for_backward(e, rows, val, slot_field)
+        ctx.n_rows = table.shape[0]
+        ctx.set_materialize_grads(False)  # an unused output's gradient stays None: the kernel skips it
+        return e, y
+
+    @staticmethod
+    def backward(ctx, grad_e: torch.Tensor | None, grad_fm: torch.Tensor | None):  # type: ignore[override]
+        e, rows, val, slot_field = ctx.saved_tensors
+        grad = kernels.embed_backward(grad_e, grad_fm, e, rows, val, slot_field, ctx.n_rows)
+        return grad, None, None, None, None, None
 
 
 def fm_second_order(e: torch.Tensor) -> torch.Tensor:
