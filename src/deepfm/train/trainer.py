@@ -23,6 +23,7 @@ import torch
 from tqdm.auto import tqdm
 
 from deepfm.data.store import Batcher
+from deepfm.models import kernels
 from deepfm.models.ctr import CTRModel
 from deepfm.train import distributed as dist
 from deepfm.train.checkpoint import Checkpointer, Position
@@ -255,6 +256,8 @@ def fit(
         else:
             pos, best_state = checkpoints.restore(*found, model, opt, sparse, rng)
             _log(f"resuming from {found[0].name}: epoch {pos.epoch}, step {pos.step}")
+    if progress and lead and next(model.parameters()).device.type == "cpu":
+        _log(f"fused CPU kernels: {kernels.status()}")  # built (once per machine) on first use
     if log_path is not None and lead:  # the log holds exactly the epochs of the history (rewritten on resume)
         log_path.write_text("".join(json.dumps(r) + "\n" for r in pos.history))
     batch_size = resolve_batch_size(cfg.batch_size, n_rows)
