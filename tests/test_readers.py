@@ -245,3 +245,16 @@ def test_movielens_join_and_genres():
     # first kept row: user 186 rated item 302 with 3? no: row 1 (196, 242, 3) is dropped; row 2 is (186, 302, 3)
     assert first["user_id"] and first["gender"] in ("M", "F") and isinstance(first["class"], str)
     assert r.table.column("age").null_count == 0 and r.table.column("class").null_count == 0
+
+
+def test_empty_strings_mask_uses_offsets_and_validity_and_respects_slices():
+    import pyarrow as pa
+
+    from deepfm.data.readers import _empty_strings
+
+    arr = pa.array(["a", "", None, "bc", "", None, "d"], type=pa.string())
+    assert _empty_strings(arr).tolist() == [False, True, False, False, True, False, False]
+    assert _empty_strings(arr.slice(2, 3)).tolist() == [False, False, True]
+    assert _empty_strings(arr.slice(5, 2)) is None  # a null and "d": nothing empty
+    assert _empty_strings(pa.array(["x", None], type=pa.binary())) is None
+    assert _empty_strings(pa.array(["", "y"], type=pa.large_string())).tolist() == [True, False]

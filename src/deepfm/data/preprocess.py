@@ -11,8 +11,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any
 
@@ -20,7 +18,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from deepfm.data.readers import ReadResult
+from deepfm.data.readers import ReadResult, parallel_map
 from deepfm.errors import DataError
 from deepfm.schema import MISSING, N_RESERVED, OOV, Field, Schema, from_dict
 
@@ -96,15 +94,6 @@ def _lookup(tokens: pa.Array, f: Field, state: dict[str, Any]) -> np.ndarray:
         idx = pc.fill_null(pos, OOV - N_RESERVED).to_numpy(zero_copy_only=False).astype(np.int64) + N_RESERVED
     idx[missing] = MISSING
     return idx.astype(np.int32)
-
-
-def _map(fn: Any, items: list) -> list:
-    """fn over items on a thread per core, results in order (first error re-raised)."""
-    workers = min(len(items), len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else 1)
-    if workers <= 1:
-        return [fn(x) for x in items]
-    with ThreadPoolExecutor(workers) as pool:
-        return list(pool.map(fn, items))
 
 
 def _rows(columns: list[np.ndarray], n: int, dtype: type) -> np.ndarray:
@@ -218,7 +207,7 @@ class Preprocessor:
         if data.rows == 0:
             raise DataError("cannot fit preprocessing on zero rows", path=data.path)
         fields = list(self.schema.fields)
-        done = _map(lambda f: self._fit_field(f, data.table.column(f.source).combine_chunks()), fields)
+        done = parallel_map(lambda f: self._fit_field(f, data.table.column(f.source).combine_chunks()), fields)
         self.states = {f.name: st for f, (st, _) in zip(fields, done, strict=True)}
         return {f.name: enc for f, (_, enc) in zip(fields, done, strict=True) if enc is not None}
 
@@ -240,8 +229,8 @@ class Preprocessor:
 
         # columns are built side by side, then transposed once into row-major [N, F] (rows are what the
         # loader slices); that is faster than writing each column with a stride
-        cat = _rows(_map(cat_column, cat_fields), n, np.int32)
-        num = _rows(_map(num_column, num_fields), n, np.float32)
+        cat = _rows(parallel_map(cat_column, cat_fields), n, np.int32)
+        num = _rows(parallel_map(num_column, num_fields), n, np.float32)
         multi = {}
         for f in self.fields_of("multi"):
             flat, lengths = _split_multi(data.table.column(f.source).combine_chunks(), f)
