@@ -18,7 +18,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "benchmarks"))
-from run import COLUMNS, PEERS, write_docs  # noqa: E402
+from run import COLUMNS, PEERS, gemm_limit, write_docs  # noqa: E402
 
 
 def ratio(run: list[dict], r: dict, key: str) -> float | None:
@@ -55,7 +55,7 @@ def main() -> None:
                          (fmt.format(statistics.median(vals)) if vals else "n/a"))
         tr = [ratio(run["results"], r, "train_samples_per_s") for run, r in rows]
         sc = [ratio(run["results"], r, "score_samples_per_s") for run, r in rows]
-        frac = [r["train_samples_per_s"] / run["gemm"]["fp32_limit_samples_per_s"] for run, r in rows]
+        frac = [r["train_samples_per_s"] / gemm_limit(r, run["gemm"]) for run, r in rows]
         dc = [r["preprocess_rows_per_s"] / d["preprocess_rows_per_s"] for run, r in rows
               for d in run["results"] if d["system"] == "deepctr" and "error" not in d]
         cells += [f"{statistics.median(tr):.2f}x" if None not in tr else "n/a",

@@ -120,6 +120,13 @@ def table(results: list[dict]) -> str:
     return "\n".join(lines)
 
 
+def gemm_limit(r: dict, gemm: dict) -> int:
+    """The GEMM-bound limit (samples/s) a system's training is compared with: the one its own process
+    measured right after training when there is one (``gemm_after_train``), else the run's."""
+    g = r.get("gemm_after_train") or gemm
+    return g["bf16_limit_samples_per_s"] if "bf16" in r["system"] else g["fp32_limit_samples_per_s"]
+
+
 def ratios(results: list[dict], gemm: dict) -> str:
     ok = [r for r in results if "error" not in r]
     peers = [r for r in ok if r["system"] in PEERS]
@@ -132,10 +139,11 @@ def ratios(results: list[dict], gemm: dict) -> str:
     out = []
     dc = next((r for r in peers if r["system"] == "deepctr"), None)
     for r in ours:
-        limit = gemm["bf16_limit_samples_per_s"] if "bf16" in r["system"] else gemm["fp32_limit_samples_per_s"]
+        limit = gemm_limit(r, gemm)
         parts = [f"training {r['train_samples_per_s'] / best_train['train_samples_per_s']:.2f}x the best peer "
                  f"({best_train['system']})",
-                 f"{100 * r['train_samples_per_s'] / limit:.0f}% of the GEMM-bound limit ({limit:,} samples/s)",
+                 f"{100 * r['train_samples_per_s'] / limit:.0f}% of the GEMM-bound limit ({limit:,} samples/s"
+                 + (", measured in its own process right after training)" if r.get("gemm_after_train") else ")"),
                  f"AUC {r['test_auc'] - best_auc:+.4f} vs the best peer's",
                  f"scoring {r['score_samples_per_s'] / best_score['score_samples_per_s']:.2f}x the best peer "
                  f"({best_score['system']})",
@@ -209,7 +217,9 @@ def main() -> None:
                  + f"), {date}, {record['cpu']}, "
                  f"{a.threads} threads. GEMM (benchmarks/gemm.py, MLP shapes, batch 4096): fp32 "
                  f"{gemm['fp32_gflops']} GFLOP/s -> limit {gemm['fp32_limit_samples_per_s']:,} samples/s; bf16 "
-                 f"{gemm['bf16_gflops']} GFLOP/s -> limit {gemm['bf16_limit_samples_per_s']:,} samples/s.\n"
+                 f"{gemm['bf16_gflops']} GFLOP/s -> limit {gemm['bf16_limit_samples_per_s']:,} samples/s, "
+                 "measured at the start of the run; each deepfm process measures it again right after its "
+                 "training (`gemm_after_train`), and its fraction of the limit uses that.\n"
                  f"Command: `{record['command']}` (raw results: benchmarks/results/{setting}.json)\n\n"
                  + table(results) + "\n\n" + ratios(results, gemm))
         print(block, flush=True)

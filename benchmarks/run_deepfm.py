@@ -21,6 +21,7 @@ from pathlib import Path
 import numpy as np
 import pandas  # noqa: F401  pyarrow imports it on first use (~0.5 s); the peers import it at the top too,
 import torch  # so every system's library imports stay outside its timers
+from gemm import measure as gemm_measure  # benchmarks/gemm.py, next to this script
 
 from deepfm.data import readers
 from deepfm.data.preprocess import Preprocessor
@@ -69,6 +70,10 @@ def run(data: Path, threads: int, batch: int, min_count: int, epochs: int, embed
     used = enc_train.rows if not train_limit else min(train_limit, enc_train.rows)
     hist = fit(model, Batcher(enc_train, fields), cfg, train_rows=np.arange(used), progress=False)
     train_s = sum(h["train_seconds"] for h in hist)
+    # the GEMM-bound limit measured in this process right after training (outside every timer): this VM's
+    # speed drifts 10-25% within minutes, so the limit measured at the start of a run (before the peers)
+    # can be far from the speed this training ran at
+    gemm_now = gemm_measure(threads, windows=5)
 
     test = Batcher(enc_test, fields)
     t0 = time.perf_counter()
@@ -89,6 +94,7 @@ def run(data: Path, threads: int, batch: int, min_count: int, epochs: int, embed
         "latency_path": "serve.fastpath.NumpyForward (eval-mode weights) on 1 encoded row, + sigmoid",
         "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
         "test_auc": m["auc"], "test_logloss": m["logloss"],
+        "gemm_after_train": gemm_now,
         "embedding_rows": int(model.v.weight.shape[0]),
         "params": int(sum(p.numel() for p in model.parameters())),
         "notes": [f"embedding_update={embedding_update}", f"precision={precision}",
