@@ -114,79 +114,144 @@ CLONES int relu_dropout_backward(float *restrict out, const float *restrict g, c
     return 0;
 }
 
-/* The field embeddings of a batch and, optionally, the FM second-order term, in one pass over the batch:
- * e[b, f, :] = sum over slots s of field f (slot_field[s] = f) of table[rows[b, s], :] * val[b, s], and
- * fm[b] = 0.5 * sum_k ((sum_f e[b, f, k])^2 - sum_f e[b, f, k]^2)   (Guo et al. 2017, eq. 2). */
-void embed_forward(const float *restrict table, int64_t K, const int64_t *restrict rows,
-                   const float *restrict val, const int32_t *restrict slot_field, int64_t B, int64_t S,
-                   int64_t F, float *restrict e, float *restrict fm) {
-#pragma omp parallel for schedule(static)
-    for (int64_t b = 0; b < B; b++) {
+#define ALWAYS static inline __attribute__((always_inline))
+
+/* Rows [b0, b1) of embed_forward, for one embedding width K (a constant where inlined: unrolled loops) */
+ALWAYS void embed_rows(const float *restrict v, const int64_t K, const float *restrict w,
+                       const int64_t *restrict rows, const float *restrict val, const int32_t *restrict slot_field,
+                       int64_t b0, int64_t b1, int64_t S, int64_t F, float *restrict e, float *restrict fm,
+                       float *restrict first) {
+    for (int64_t b = b0; b < b1; b++) {
         float *restrict eb = e + b * F * K;
         memset(eb, 0, (size_t)(F * K) * sizeof(float));
+        float lin = 0.0f;
         for (int64_t s = 0; s < S; s++) {
-            const float *restrict t = table + rows[b * S + s] * K;
-            const float v = val[b * S + s];
+            const int64_t r = rows[b * S + s];
+            const float x = val[b * S + s];
+            const float *restrict t = v + r * K;
             float *restrict o = eb + (int64_t)slot_field[s] * K;
-            for (int64_t k = 0; k < K; k++) o[k] += t[k] * v;
+            for (int64_t k = 0; k < K; k++) o[k] += t[k] * x;
+            if (w) lin += w[r] * x;
         }
+        if (first) first[b] = lin;
         if (fm) {
-            float acc = 0.0f;
-            for (int64_t k = 0; k < K; k++) {
-                float sum = 0.0f, sq = 0.0f;
-                for (int64_t f = 0; f < F; f++) {
-                    float x = eb[f * K + k];
-                    sum += x;
-                    sq += x * x;
+            float sum[K], sq[K];
+            for (int64_t k = 0; k < K; k++) sum[k] = sq[k] = 0.0f;
+            for (int64_t f = 0; f < F; f++)
+                for (int64_t k = 0; k < K; k++) {
+                    const float x = eb[f * K + k];
+                    sum[k] += x;
+                    sq[k] += x * x;
                 }
-                acc += sum * sum - sq;
-            }
+            float acc = 0.0f;
+            for (int64_t k = 0; k < K; k++) acc += sum[k] * sum[k] - sq[k];
             fm[b] = 0.5f * acc;
         }
     }
 }
 
-/* The table gradient of embed_forward: de = ge + gfm[b] * (sum_f e[b, f, :] - e[b, f, :]) into scratch
- * [B, F, K] (ge: row stride ld, may be NULL, as may gfm), then grad[rows[b, s], :] += de[b, field(s), :] *
- * val[b, s]. Each thread owns one range of table rows and adds in batch order: no races, and the same sums
- * whatever the thread count. grad [R, K] must be zeroed by the caller. */
-void embed_backward(const float *restrict ge, int64_t ld, const float *restrict gfm, const float *restrict e,
-                    const int64_t *restrict rows, const float *restrict val, const int32_t *restrict slot_field,
-                    int64_t B, int64_t S, int64_t F, int64_t K, float *restrict scratch, float *restrict grad,
-                    int64_t R) {
-#pragma omp parallel for schedule(static)
-    for (int64_t b = 0; b < B; b++) {
-        float *restrict d = scratch + b * F * K;
-        const float *restrict eb = e + b * F * K;
-        if (ge) {
-            const float *restrict g = ge + b * ld;
-            for (int64_t i = 0; i < F * K; i++) d[i] = g[i];
-        } else {
-            memset(d, 0, (size_t)(F * K) * sizeof(float));
-        }
-        if (gfm) {
-            const float c = gfm[b];
-            for (int64_t k = 0; k < K; k++) {
-                float sum = 0.0f;
-                for (int64_t f = 0; f < F; f++) sum += eb[f * K + k];
-                for (int64_t f = 0; f < F; f++) d[f * K + k] += c * (sum - eb[f * K + k]);
-            }
-        }
-    }
+/* One pass over the batch for DeepFM's three field terms (Guo et al. 2017, eq. 1-2), rows shared by the
+ * two tables (w may be NULL, as may fm and first):
+ *   e[b, f, :] = sum over slots s of field f (slot_field[s] = f) of v[rows[b, s], :] * val[b, s]
+ *   fm[b]      = 0.5 * sum_k ((sum_f e[b, f, k])^2 - sum_f e[b, f, k]^2)
+ *   first[b]   = sum_s w[rows[b, s]] * val[b, s] */
+void embed_forward(const float *restrict v, int64_t K, const float *restrict w, const int64_t *restrict rows,
+                   const float *restrict val, const int32_t *restrict slot_field, int64_t B, int64_t S,
+                   int64_t F, float *restrict e, float *restrict fm, float *restrict first) {
 #pragma omp parallel
     {
         const int nt = omp_get_num_threads(), t = omp_get_thread_num();
-        const int64_t lo = R * t / nt, hi = R * (t + 1) / nt;
-        for (int64_t b = 0; b < B; b++) {
-            const float *restrict d = scratch + b * F * K;
-            for (int64_t s = 0; s < S; s++) {
-                const int64_t r = rows[b * S + s];
-                if (r < lo || r >= hi) continue;
-                const float v = val[b * S + s];
-                const float *restrict src = d + (int64_t)slot_field[s] * K;
-                float *restrict o = grad + r * K;
-                for (int64_t k = 0; k < K; k++) o[k] += src[k] * v;
-            }
+        const int64_t b0 = B * t / nt, b1 = B * (t + 1) / nt;
+        switch (K) {
+        case 4: embed_rows(v, 4, w, rows, val, slot_field, b0, b1, S, F, e, fm, first); break;
+        case 8: embed_rows(v, 8, w, rows, val, slot_field, b0, b1, S, F, e, fm, first); break;
+        case 10: embed_rows(v, 10, w, rows, val, slot_field, b0, b1, S, F, e, fm, first); break;
+        case 16: embed_rows(v, 16, w, rows, val, slot_field, b0, b1, S, F, e, fm, first); break;
+        default: embed_rows(v, K, w, rows, val, slot_field, b0, b1, S, F, e, fm, first);
         }
     }
+}
+
+/* scratch[b, f, :] = dL/de[b, f, :] = ge + gfm[b] * (sum_f' e[b, f', :] - e[b, f, :]) for rows [b0, b1) */
+ALWAYS void embed_grad_rows(const float *restrict ge, int64_t ld, const float *restrict gfm,
+                            const float *restrict e, int64_t b0, int64_t b1, int64_t F, const int64_t K,
+                            float *restrict scratch) {
+    for (int64_t b = b0; b < b1; b++) {
+        float *restrict d = scratch + b * F * K;
+        const float *restrict eb = e + b * F * K;
+        if (ge)
+            memcpy(d, ge + b * ld, (size_t)(F * K) * sizeof(float));
+        else
+            memset(d, 0, (size_t)(F * K) * sizeof(float));
+        if (gfm) {
+            const float c = gfm[b];
+            float sum[K];
+            for (int64_t k = 0; k < K; k++) sum[k] = 0.0f;
+            for (int64_t f = 0; f < F; f++)
+                for (int64_t k = 0; k < K; k++) sum[k] += eb[f * K + k];
+            for (int64_t f = 0; f < F; f++)
+                for (int64_t k = 0; k < K; k++) d[f * K + k] += c * (sum[k] - eb[f * K + k]);
+        }
+    }
+}
+
+/* grad_v[rows[p]] += scratch[at[i]] * val[p] and grad_w[rows[p]] += gfirst[b] * val[p] for the listed
+ * pairs p = list[i] = b * S + s (bs[i] = b) */
+ALWAYS void embed_scatter(const int32_t *restrict list, const int32_t *restrict at, const int32_t *restrict bs,
+                          int64_t n, const int64_t *restrict rows, const float *restrict val, const int64_t K,
+                          const float *restrict scratch, float *restrict grad_v, const float *restrict gfirst,
+                          float *restrict grad_w) {
+    for (int64_t i = 0; i < n; i++) {
+        const int32_t p = list[i];
+        const int64_t r = rows[p];
+        const float x = val[p];
+        if (grad_v) {
+            const float *restrict src = scratch + (int64_t)at[i] * K;
+            float *restrict o = grad_v + r * K;
+            for (int64_t k = 0; k < K; k++) o[k] += src[k] * x;
+        }
+        if (grad_w) grad_w[r] += gfirst[bs[i]] * x;
+    }
+}
+
+/* The table gradients of embed_forward (dense over the R table rows, zeroed by the caller; grad_v and/or
+ * grad_w may be NULL when not wanted, ge/gfm/gfirst when their output got no gradient). Each thread owns
+ * one range of table rows and adds its pairs in batch order: no races, and the same sums whatever the
+ * thread count. Returns 1 when out of memory. */
+int embed_backward(const float *restrict ge, int64_t ld, const float *restrict gfm, const float *restrict gfirst,
+                   const float *restrict e, const int64_t *restrict rows, const float *restrict val,
+                   const int32_t *restrict slot_field, int64_t B, int64_t S, int64_t F, int64_t K,
+                   float *restrict scratch, float *restrict grad_v, float *restrict grad_w, int64_t R) {
+    const int nt = omp_get_max_threads();
+    int32_t *lists = malloc((size_t)nt * (size_t)(B * S) * 3 * sizeof(int32_t));
+    if (!lists) return 1;
+#pragma omp parallel num_threads(nt)
+    {
+        const int n = omp_get_num_threads(), t = omp_get_thread_num();
+        const int64_t b0 = B * t / n, b1 = B * (t + 1) / n;
+        if (grad_v) switch (K) {
+            case 10: embed_grad_rows(ge, ld, gfm, e, b0, b1, F, 10, scratch); break;
+            default: embed_grad_rows(ge, ld, gfm, e, b0, b1, F, K, scratch);
+            }
+        /* this thread's pairs, listed without branches, with where each one's dL/de sits in scratch */
+        const int64_t lo = R * t / n, hi = R * (t + 1) / n;
+        int32_t *restrict list = lists + (size_t)t * (size_t)(B * S) * 3, *restrict at = list + B * S,
+                *restrict bs = at + B * S;
+        int64_t m = 0;
+        for (int64_t b = 0; b < B; b++)
+            for (int64_t s = 0; s < S; s++) {
+                const int64_t p = b * S + s, r = rows[p];
+                list[m] = (int32_t)p;
+                at[m] = (int32_t)(b * F + slot_field[s]);
+                bs[m] = (int32_t)b;
+                m += (r >= lo) & (r < hi);
+            }
+#pragma omp barrier
+        switch (K) {
+        case 10: embed_scatter(list, at, bs, m, rows, val, 10, scratch, grad_v, gfirst, grad_w); break;
+        default: embed_scatter(list, at, bs, m, rows, val, K, scratch, grad_v, gfirst, grad_w);
+        }
+    }
+    free(lists);
+    return 0;
 }

@@ -116,10 +116,10 @@ def _build() -> tuple[ctypes.CDLL | None, str]:
         lib.relu_dropout_forward.restype = None
         lib.relu_dropout_backward.argtypes = [p, p, p, ctypes.c_float, p, i64, i64]
         lib.relu_dropout_backward.restype = ctypes.c_int
-        lib.embed_forward.argtypes = [p, i64, p, p, p, i64, i64, i64, p, p]
+        lib.embed_forward.argtypes = [p, i64, p, p, p, p, i64, i64, i64, p, p, p]
         lib.embed_forward.restype = None
-        lib.embed_backward.argtypes = [p, i64, p, p, p, p, p, i64, i64, i64, i64, p, p, i64]
-        lib.embed_backward.restype = None
+        lib.embed_backward.argtypes = [p, i64, p, p, p, p, p, p, i64, i64, i64, i64, p, p, p, i64]
+        lib.embed_backward.restype = ctypes.c_int
         return lib, f"on ({lib_path})"
     return None, f"off (build failed: {'; '.join(e[0] for e in errors)})"
 
@@ -173,29 +173,37 @@ def _ptr(t: torch.Tensor | None) -> int | None:
     return None if t is None else t.data_ptr()
 
 
-def embed_forward(table: torch.Tensor, rows: torch.Tensor, val: torch.Tensor, slot_field: torch.Tensor,
-                  n_fields: int, fm: bool) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """(e [B, F, K], fm [B] or None): e[b, f] = sum of table[rows[b, s]] * val[b, s] over the slots s of
-    field f; fm the FM second-order term over e. table [R, K] float32, rows [B, S] int64 (< R), val [B, S]
-    float32, slot_field [S] int32 (< n_fields)."""
-    R, K = table.shape
+def embed_forward(v: torch.Tensor, w: torch.Tensor | None, rows: torch.Tensor, val: torch.Tensor,
+                  slot_field: torch.Tensor, n_fields: int, fm: bool, first: bool
+                  ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
+    """One pass for DeepFM's field terms: (e [B, F, K], fm [B] or None, first [B] or None), with
+    e[b, f] = sum of v[rows[b, s]] * val[b, s] over the slots s of field f, fm the FM second-order term over
+    e (paper eq. 2) and first = sum_s w[rows[b, s]] * val[b, s] (needs ``w`` [R, 1]). v [R, K] float32,
+    rows [B, S] int64 (< R), val [B, S] float32, slot_field [S] int32 (< n_fields)."""
+    R, K = v.shape
     B, S = rows.shape
-    _check(table, (R, K))
+    _check(v, (R, K))
     _check(val, (B, S))
+    if first:
+        _check(w, (R, 1))
     if (rows.dtype != torch.int64 or not rows.is_contiguous() or slot_field.dtype != torch.int32
             or tuple(slot_field.shape) != (S,) or not slot_field.is_contiguous()):
         raise ValueError("rows must be contiguous int64 [B, S] and slot_field contiguous int32 [S]")
-    e = table.new_empty(B, n_fields, K)
-    out = table.new_empty(B) if fm else None
-    library().embed_forward(table.data_ptr(), K, rows.data_ptr(), val.data_ptr(), slot_field.data_ptr(), B, S,
-                            n_fields, e.data_ptr(), _ptr(out))
-    return e, out
+    if B * max(S, n_fields) >= 2**31:
+        raise ValueError(f"a batch of {B} x {S} slots is too large for the kernels' int32 positions")
+    e = v.new_empty(B, n_fields, K)
+    y_fm = v.new_empty(B) if fm else None
+    y_first = v.new_empty(B) if first else None
+    library().embed_forward(v.data_ptr(), K, _ptr(w) if first else None, rows.data_ptr(), val.data_ptr(),
+                            slot_field.data_ptr(), B, S, n_fields, e.data_ptr(), _ptr(y_fm), _ptr(y_first))
+    return e, y_fm, y_first
 
 
-def embed_backward(grad_e: torch.Tensor | None, grad_fm: torch.Tensor | None, e: torch.Tensor, rows: torch.Tensor,
-                   val: torch.Tensor, slot_field: torch.Tensor, n_rows: int) -> torch.Tensor:
-    """The dense table gradient [n_rows, K] of :func:`embed_forward` from dL/de [B, F, K] (any row stride,
-    unit stride inside a row) and dL/dfm [B] (either may be None)."""
+def embed_backward(grad_e: torch.Tensor | None, grad_fm: torch.Tensor | None, grad_first: torch.Tensor | None,
+                   e: torch.Tensor, rows: torch.Tensor, val: torch.Tensor, slot_field: torch.Tensor,
+                   n_rows: int, want_v: bool, want_w: bool) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+    """The dense table gradients (v [n_rows, K], w [n_rows, 1]) of :func:`embed_forward` from dL/de
+    [B, F, K] (any row stride, unit stride inside a row), dL/dfm [B] and dL/dfirst [B] (each may be None)."""
     B, F, K = e.shape
     S = rows.shape[1]
     ld = F * K
@@ -208,8 +216,15 @@ def embed_backward(grad_e: torch.Tensor | None, grad_fm: torch.Tensor | None, e:
     if grad_fm is not None:
         grad_fm = grad_fm.contiguous()
         _check(grad_fm, (B,))
-    grad = e.new_zeros(n_rows, K)
-    scratch = e.new_empty(B, F, K)
-    library().embed_backward(_ptr(grad_e), ld, _ptr(grad_fm), e.data_ptr(), rows.data_ptr(), val.data_ptr(),
-                             slot_field.data_ptr(), B, S, F, K, scratch.data_ptr(), grad.data_ptr(), n_rows)
-    return grad
+    want_w = want_w and grad_first is not None
+    if want_w:
+        grad_first = grad_first.contiguous()
+        _check(grad_first, (B,))
+    gv = e.new_zeros(n_rows, K) if want_v else None
+    gw = e.new_zeros(n_rows, 1) if want_w else None
+    scratch = e.new_empty(B, F, K) if want_v else None
+    if library().embed_backward(_ptr(grad_e), ld, _ptr(grad_fm), _ptr(grad_first) if want_w else None,
+                                e.data_ptr(), rows.data_ptr(), val.data_ptr(), slot_field.data_ptr(), B, S, F, K,
+                                _ptr(scratch), _ptr(gv), _ptr(gw), n_rows):
+        raise MemoryError("embed_backward: out of memory for the per-thread pair lists")
+    return gv, gw

@@ -35,7 +35,6 @@ class FusedTable(nn.Module):
         # that autograd produces a [U, dim] gradient instead of a dense [sum(sizes), dim] one.
         self.gathered: tuple[torch.Tensor, torch.Tensor] | None = None
         self.slot_field_i32: torch.Tensor | None = None  # for the C kernels, made on first use
-        self.zeros_i32: torch.Tensor | None = None
 
     def global_rows(self, idx: torch.Tensor) -> torch.Tensor:
         """[B, S] local indices -> [B, S] row numbers in the fused table."""
@@ -58,18 +57,20 @@ class FusedTable(nn.Module):
     def fused(self, idx: torch.Tensor, val: torch.Tensor, fm: bool, first: FusedTable | None = None
               ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
         """Training on CPU with the C kernels (see ``fusable``): (``forward(idx, val)``, its FM term
-        ``fm_second_order`` [B] if ``fm``, and ``first(idx, val).sum((1, 2))`` [B] if ``first``)."""
+        ``fm_second_order`` [B] if ``fm``, and ``first(idx, val).sum((1, 2))`` [B] if ``first``, a dim-1
+        table over the same fields), in one pass."""
         if self.slot_field_i32 is None:
             self.slot_field_i32 = self.slot_field.to(torch.int32)
-            self.zeros_i32 = torch.zeros_like(self.slot_field_i32)
         table, rows = self.source(idx)
-        e, y_fm = _FieldEmbed.apply(table, rows.contiguous(), val.contiguous(), self.slot_field_i32,
-                                    self.n_fields, fm)
-        y_first = None
-        if first is not None:
-            table, rows = first.source(idx)
-            y_first = _FieldEmbed.apply(table, rows.contiguous(), val.contiguous(), self.zeros_i32, 1, False)[0]
-            y_first = y_first.view(-1)
+        w = None
+        if first is not None and first.sizes == self.sizes:
+            mine, theirs = self.gathered, first.gathered
+            if (mine is None and theirs is None) or (mine is not None and theirs is not None and mine[0] is theirs[0]):
+                w = first.source(idx)[0]  # the same rows: same fields, gathered alike
+        e, y_fm, y_first = _FieldEmbed.apply(table, w, rows.contiguous(), val.contiguous(), self.slot_field_i32,
+                                             self.n_fields, fm)
+        if first is not None and w is None:
+            y_first = first(idx, val).sum(dim=(1, 2))
         return e, y_fm, y_first
 
     def fusable(self, idx: torch.Tensor, val: torch.Tensor) -> bool:
@@ -88,24 +89,27 @@ class FusedTable(nn.Module):
 
 
 class _FieldEmbed(torch.autograd.Function):
-    """(e, fm) = (FusedTable.forward, fm_second_order(e)) from (table, rows, val) with the C kernels: one pass
-    over the batch forward; backward one pass for dL/de (the DNN's plus the FM's, S_k - e_fk) and one
-    race-free scatter-add into the dense table gradient (each thread owns a range of rows)."""
+    """(e, fm, first) = (v(idx, val), fm_second_order(e), w(idx, val).sum((1, 2))) from the two tables and
+    their shared rows, with the C kernels: one pass over the batch forward; backward one pass for dL/de (the
+    DNN's plus the FM's, S_k - e_fk) and one race-free scatter-add into both dense table gradients (each
+    thread owns a range of table rows)."""
 
     @staticmethod
-    def forward(ctx, table: torch.Tensor, rows: torch.Tensor, val: torch.Tensor, slot_field: torch.Tensor,  # type: ignore[override]
-                n_fields: int, fm: bool) -> tuple[torch.Tensor, torch.Tensor | None]:
-        e, y = kernels.embed_forward(table, rows, val, slot_field, n_fields, fm)
+    def forward(ctx, v: torch.Tensor, w: torch.Tensor | None, rows: torch.Tensor, val: torch.Tensor,  # type: ignore[override]
+                slot_field: torch.Tensor, n_fields: int, fm: bool):
+        e, y_fm, y_first = kernels.embed_forward(v, w, rows, val, slot_field, n_fields, fm, w is not None)
         ctx.save_for_backward(e, rows, val, slot_field)
-        ctx.n_rows = table.shape[0]
+        ctx.n_rows = v.shape[0]
         ctx.set_materialize_grads(False)  # an unused output's gradient stays None: the kernel skips it
-        return e, y
+        return e, y_fm, y_first
 
     @staticmethod
-    def backward(ctx, grad_e: torch.Tensor | None, grad_fm: torch.Tensor | None):  # type: ignore[override]
+    def backward(ctx, grad_e: torch.Tensor | None, grad_fm: torch.Tensor | None,  # type: ignore[override]
+                 grad_first: torch.Tensor | None):
         e, rows, val, slot_field = ctx.saved_tensors
-        grad = kernels.embed_backward(grad_e, grad_fm, e, rows, val, slot_field, ctx.n_rows)
-        return grad, None, None, None, None, None
+        gv, gw = kernels.embed_backward(grad_e, grad_fm, grad_first, e, rows, val, slot_field, ctx.n_rows,
+                                        ctx.needs_input_grad[0], ctx.needs_input_grad[1])
+        return gv, gw, None, None, None, None, None
 
 
 def fm_second_order(e: torch.Tensor) -> torch.Tensor:
