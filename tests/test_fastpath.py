@@ -324,9 +324,16 @@ def test_fused_embedding_and_fm_kernels_match_the_eager_path(kind, monkeypatch):
         names, params = zip(*[(n, p) for n, p in model.named_parameters()], strict=True)
         return loss, dict(zip(names, torch.autograd.grad(loss, params), strict=True))
 
-    loss, grads = step()
+    def scores():
+        torch.manual_seed(3)
+        model = CTRModel(FIELDS, ModelConfig(model=kind, embed_dim=5, hidden=[24, 16], init_std=0.1)).eval()
+        with torch.no_grad():
+            return model(idx, val)
+
+    loss, grads, scored = *step(), scores()
     monkeypatch.setattr(kernels, "library", lambda: None)
     want_loss, want = step()
+    assert torch.allclose(scored, scores(), atol=1e-6)  # scoring takes the kernels too
     assert torch.allclose(loss, want_loss, atol=1e-6)
     assert grads.keys() == want.keys()
     for name in want:

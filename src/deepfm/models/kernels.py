@@ -137,6 +137,12 @@ def status() -> str:
     return str(_state["status"])
 
 
+def capturing() -> bool:
+    """True while torch traces, scripts, compiles or exports the model: the graph must see plain ops."""
+    return bool(torch.jit.is_tracing() or torch.jit.is_scripting() or torch.onnx.is_in_onnx_export()
+                or torch.compiler.is_compiling())
+
+
 def _check(t: torch.Tensor, shape: tuple[int, ...]) -> None:
     if t.dtype != torch.float32 or not t.is_contiguous() or tuple(t.shape) != shape or t.device.type != "cpu":
         raise ValueError(f"expected a contiguous float32 CPU tensor of shape {shape}, got {t.dtype} "

@@ -74,11 +74,11 @@ class FusedTable(nn.Module):
         return e, y_fm, y_first
 
     def fusable(self, idx: torch.Tensor, val: torch.Tensor) -> bool:
-        """Whether :meth:`fused` can run: gradients on, CPU float32 without autocast, kernels built."""
-        return (self.training and torch.is_grad_enabled() and self.weight.requires_grad
-                and idx.device.type == "cpu" and val.dtype == torch.float32 and not val.requires_grad
+        """Whether :meth:`fused` can run (training or scoring): CPU float32 without autocast, no gradient
+        wanted for ``val``, not being traced or exported, kernels built."""
+        return (idx.device.type == "cpu" and val.dtype == torch.float32 and not val.requires_grad
                 and self.weight.dtype == torch.float32 and not torch.is_autocast_enabled("cpu")
-                and kernels.library() is not None)
+                and not kernels.capturing() and kernels.library() is not None)
 
     def forward(self, idx: torch.Tensor, val: torch.Tensor) -> torch.Tensor:
         """[B, S] x2 -> [B, F, dim]: x_i * v_i per field (multi-valued slots summed into their field)."""
@@ -346,7 +346,7 @@ def _fusable(layer: nn.Linear, drop: FastDropout, x: torch.Tensor) -> bool:
     return (layer.training and drop.training and drop.p > 0 and layer.bias is not None and x.dim() == 2
             and x.device.type == "cpu" and x.dtype == torch.float32 and layer.weight.dtype == torch.float32
             and torch.is_grad_enabled() and layer.weight.requires_grad and layer.bias.requires_grad
-            and not torch.is_autocast_enabled("cpu") and kernels.library() is not None)
+            and not torch.is_autocast_enabled("cpu") and not kernels.capturing() and kernels.library() is not None)
 
 
 def linear(layer: nn.Linear, x: torch.Tensor) -> torch.Tensor:
