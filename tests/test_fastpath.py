@@ -338,3 +338,34 @@ def test_fused_embedding_and_fm_kernels_match_the_eager_path(kind, monkeypatch):
     assert grads.keys() == want.keys()
     for name in want:
         assert torch.allclose(grads[name], want[name], atol=1e-6, rtol=1e-4), name
+
+
+@pytest.mark.parametrize("p", [0.5, 0.2])
+def test_fused_batch_norm_path_matches_eager_including_running_statistics(p, monkeypatch):
+    from deepfm.models import kernels
+    from deepfm.models.layers import MLP
+
+    if kernels.library() is None:
+        pytest.skip(f"fused kernels unavailable: {kernels.status()}")
+
+    def step():
+        torch.manual_seed(1)
+        mlp = MLP(37, [45, 33], p, True, "relu").train()
+        with torch.no_grad():
+            for m in mlp.net:
+                if isinstance(m, torch.nn.BatchNorm1d):
+                    m.weight.uniform_(0.5, 1.5)
+                    m.bias.uniform_(-0.2, 0.2)
+        x = torch.randn(70, 37, requires_grad=True) * 3 + 1
+        out = mlp(x)
+        grads = torch.autograd.grad(out, [x, *mlp.parameters()], torch.randn_like(out))
+        return out, grads, [b.clone() for b in mlp.buffers()], out.grad_fn
+
+    out, grads, buffers, _ = step()
+    monkeypatch.setattr(kernels, "library", lambda: None)
+    want, want_grads, want_buffers, _ = step()
+    assert torch.allclose(out, want, atol=1e-5, rtol=1e-4)
+    for a, b in zip(grads, want_grads, strict=True):  # the Linear biases' gradients are ~0 both ways
+        assert a.shape == b.shape and torch.allclose(a, b, atol=1e-4, rtol=1e-3)
+    for a, b in zip(buffers, want_buffers, strict=True):  # running mean/var and num_batches_tracked
+        assert torch.allclose(a.double(), b.double(), atol=1e-5, rtol=1e-5)

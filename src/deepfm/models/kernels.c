@@ -114,6 +114,213 @@ CLONES int relu_dropout_backward(float *restrict out, const float *restrict g, c
     return 0;
 }
 
+/* Batch norm between the GEMM and ReLU/dropout (Linear -> BatchNorm1d -> ReLU -> Dropout, training):
+ * column statistics, then y = dropout(relu(a * z + c)) with a = gamma * invstd, c = beta - mean * a. */
+
+/* mean[j] and the biased variance var[j] of the columns of z [rows, cols]; float sums over blocks of 64
+ * rows, then double (E[z^2] - mean^2 in double). Returns 1 when out of memory. */
+CLONES int column_stats(const float *restrict z, int64_t rows, int64_t cols, double *restrict mean,
+                        double *restrict var) {
+    const int nt = omp_get_max_threads();
+    double *part = calloc((size_t)nt * (size_t)cols * 2, sizeof(double));
+    float *blocks = calloc((size_t)nt * (size_t)cols * 2, sizeof(float));
+    if (!part || !blocks) {
+        free(part);
+        free(blocks);
+        return 1;
+    }
+#pragma omp parallel num_threads(nt)
+    {
+        const int tid = omp_get_thread_num();
+        double *restrict s1 = part + (size_t)tid * (size_t)cols * 2, *restrict s2 = s1 + cols;
+        float *restrict b1 = blocks + (size_t)tid * (size_t)cols * 2, *restrict b2 = b1 + cols;
+        int n = 0;
+#pragma omp for schedule(static)
+        for (int64_t r = 0; r < rows; r++) {
+            const float *restrict zr = z + r * cols;
+            for (int64_t j = 0; j < cols; j++) {
+                b1[j] += zr[j];
+                b2[j] += zr[j] * zr[j];
+            }
+            if (++n == 64) {
+                for (int64_t j = 0; j < cols; j++) {
+                    s1[j] += b1[j];
+                    s2[j] += b2[j];
+                    b1[j] = b2[j] = 0.0f;
+                }
+                n = 0;
+            }
+        }
+        for (int64_t j = 0; j < cols; j++) {
+            s1[j] += b1[j];
+            s2[j] += b2[j];
+        }
+    }
+    for (int64_t j = 0; j < cols; j++) {
+        double a = 0.0, q = 0.0;
+        for (int t = 0; t < nt; t++) {
+            a += part[(size_t)t * (size_t)cols * 2 + j];
+            q += part[(size_t)t * (size_t)cols * 2 + cols + j];
+        }
+        mean[j] = a / (double)rows;
+        const double v = q / (double)rows - mean[j] * mean[j];
+        var[j] = v > 0.0 ? v : 0.0;
+    }
+    free(part);
+    free(blocks);
+    return 0;
+}
+
+static inline void affine_row(const float *restrict z, float *restrict y, const float *restrict a,
+                              const float *restrict c, const uint8_t *restrict bits, const float (*lut)[8],
+                              int64_t cols, const int E) {
+    int64_t j = 0;
+    for (; j + E <= cols; j += E) {
+        const float *m = lut[bits[j / E]];
+        for (int t = 0; t < E; t++) {
+            const float v = a[j + t] * z[j + t] + c[j + t];
+            y[j + t] = (v < 0.0f ? 0.0f : v) * m[t];
+        }
+    }
+    for (; j < cols; j++) {
+        const float v = a[j] * z[j] + c[j];
+        y[j] = (v < 0.0f ? 0.0f : v) * lut[bits[j / E]][j % E];
+    }
+}
+
+/* y = dropout(relu(a * z + c)) (z kept: the backward needs it); mask bits as in relu_dropout_forward */
+CLONES void affine_relu_dropout_forward(const float *restrict z, float *restrict y, const float *restrict a,
+                                        const float *restrict c, const uint8_t *restrict bits, int64_t row_bytes,
+                                        int k, uint32_t thr, float scale, int64_t rows, int64_t cols) {
+    float lut[256][8] __attribute__((aligned(32)));
+    if (k <= 8) {
+        const uint32_t mask = (1u << k) - 1;
+        for (int v = 0; v < 256; v++)
+            for (int t = 0; t < 8; t++)
+                lut[v][t] = (t < 8 / k && ((v >> (t * k)) & mask) >= thr) ? scale : 0.0f;
+    }
+#pragma omp parallel for schedule(static)
+    for (int64_t r = 0; r < rows; r++) {
+        const float *restrict zr = z + r * cols;
+        float *restrict yr = y + r * cols;
+        const uint8_t *restrict br = bits + r * row_bytes;
+        switch (k) {
+        case 1: affine_row(zr, yr, a, c, br, (const float (*)[8])lut, cols, 8); break;
+        case 2: affine_row(zr, yr, a, c, br, (const float (*)[8])lut, cols, 4); break;
+        case 4: affine_row(zr, yr, a, c, br, (const float (*)[8])lut, cols, 2); break;
+        case 8: affine_row(zr, yr, a, c, br, (const float (*)[8])lut, cols, 1); break;
+        default: {
+            const uint16_t *restrict f = (const uint16_t *)br;
+            for (int64_t j = 0; j < cols; j++) {
+                const float v = a[j] * zr[j] + c[j];
+                yr[j] = (v < 0.0f ? 0.0f : v) * (f[j] >= thr ? scale : 0.0f);
+            }
+        }
+        }
+    }
+}
+
+/* Backward of y = dropout(relu(gamma * xhat + beta)), xhat = (z - mean) * invstd (batch statistics):
+ *   gu = y > 0 ? gy * scale : 0;  dbeta = sum_r gu;  dgamma = sum_r gu * xhat
+ *   dz = gamma * invstd / N * (N * gu - dbeta - xhat * dgamma);  gb = sum_r dz (the Linear's bias)
+ * Pass 1 writes gu into dz and sums; pass 2 turns dz into dL/dz in place. Returns 1 when out of memory. */
+CLONES int bn_relu_dropout_backward(float *restrict dz, const float *restrict gy, const float *restrict y,
+                                    const float *restrict z, const float *restrict mean,
+                                    const float *restrict invstd, const float *restrict gamma, float scale,
+                                    float *restrict dgamma, float *restrict dbeta, float *restrict gb,
+                                    int64_t rows, int64_t cols) {
+    const int nt = omp_get_max_threads();
+    double *part = calloc((size_t)nt * (size_t)cols * 2, sizeof(double));
+    float *blocks = calloc((size_t)nt * (size_t)cols * 2, sizeof(float));
+    float *coef = malloc((size_t)cols * 3 * sizeof(float));
+    if (!part || !blocks || !coef) {
+        free(part);
+        free(blocks);
+        free(coef);
+        return 1;
+    }
+#pragma omp parallel num_threads(nt)
+    {
+        const int tid = omp_get_thread_num();
+        double *restrict s1 = part + (size_t)tid * (size_t)cols * 2, *restrict s2 = s1 + cols;
+        float *restrict b1 = blocks + (size_t)tid * (size_t)cols * 2, *restrict b2 = b1 + cols;
+        int n = 0;
+#pragma omp for schedule(static)
+        for (int64_t r = 0; r < rows; r++) {
+            float *restrict o = dz + r * cols;
+            const float *restrict gr = gy + r * cols, *restrict yr = y + r * cols, *restrict zr = z + r * cols;
+            for (int64_t j = 0; j < cols; j++) {
+                const float gu = gr[j] * (yr[j] > 0.0f ? scale : 0.0f);
+                o[j] = gu;
+                b1[j] += gu;
+                b2[j] += gu * ((zr[j] - mean[j]) * invstd[j]);
+            }
+            if (++n == 64) {
+                for (int64_t j = 0; j < cols; j++) {
+                    s1[j] += b1[j];
+                    s2[j] += b2[j];
+                    b1[j] = b2[j] = 0.0f;
+                }
+                n = 0;
+            }
+        }
+        for (int64_t j = 0; j < cols; j++) {
+            s1[j] += b1[j];
+            s2[j] += b2[j];
+        }
+#pragma omp barrier
+#pragma omp single
+        {
+            for (int64_t j = 0; j < cols; j++) {
+                double a = 0.0, q = 0.0;
+                for (int t = 0; t < nt; t++) {
+                    a += part[(size_t)t * (size_t)cols * 2 + j];
+                    q += part[(size_t)t * (size_t)cols * 2 + cols + j];
+                }
+                dbeta[j] = (float)a;
+                dgamma[j] = (float)q;
+                const float k0 = gamma[j] * invstd[j];  /* dz = k0 * gu - k1 - k2 * xhat */
+                coef[j] = k0;
+                coef[cols + j] = k0 * (float)(a / (double)rows);
+                coef[2 * cols + j] = k0 * (float)(q / (double)rows);
+            }
+            memset(part, 0, (size_t)nt * (size_t)cols * 2 * sizeof(double));
+        }
+        double *restrict acc = part + (size_t)tid * (size_t)cols;
+        float *restrict blk = b1;
+        for (int64_t j = 0; j < cols; j++) blk[j] = 0.0f;
+        n = 0;
+        const float *restrict k0 = coef, *restrict k1 = coef + cols, *restrict k2 = coef + 2 * cols;
+#pragma omp for schedule(static)
+        for (int64_t r = 0; r < rows; r++) {
+            float *restrict o = dz + r * cols;
+            const float *restrict zr = z + r * cols;
+            for (int64_t j = 0; j < cols; j++) {
+                const float v = k0[j] * o[j] - k1[j] - k2[j] * ((zr[j] - mean[j]) * invstd[j]);
+                o[j] = v;
+                blk[j] += v;
+            }
+            if (++n == 64) {
+                for (int64_t j = 0; j < cols; j++) {
+                    acc[j] += blk[j];
+                    blk[j] = 0.0f;
+                }
+                n = 0;
+            }
+        }
+        for (int64_t j = 0; j < cols; j++) acc[j] += blk[j];
+    }
+    for (int64_t j = 0; j < cols; j++) {
+        double s = 0.0;
+        for (int t = 0; t < nt; t++) s += part[(size_t)t * (size_t)cols + j];
+        gb[j] = (float)s;
+    }
+    free(part);
+    free(blocks);
+    free(coef);
+    return 0;
+}
+
 #define ALWAYS static inline __attribute__((always_inline))
 
 /* Rows [b0, b1) of embed_forward, for one embedding width K (a constant where inlined: unrolled loops) */

@@ -116,6 +116,13 @@ def _build() -> tuple[ctypes.CDLL | None, str]:
         lib.relu_dropout_forward.restype = None
         lib.relu_dropout_backward.argtypes = [p, p, p, ctypes.c_float, p, i64, i64]
         lib.relu_dropout_backward.restype = ctypes.c_int
+        lib.column_stats.argtypes = [p, i64, i64, p, p]
+        lib.column_stats.restype = ctypes.c_int
+        lib.affine_relu_dropout_forward.argtypes = [p, p, p, p, p, i64, ctypes.c_int, ctypes.c_uint32,
+                                                    ctypes.c_float, i64, i64]
+        lib.affine_relu_dropout_forward.restype = None
+        lib.bn_relu_dropout_backward.argtypes = [p, p, p, p, p, p, p, ctypes.c_float, p, p, p, i64, i64]
+        lib.bn_relu_dropout_backward.restype = ctypes.c_int
         lib.embed_forward.argtypes = [p, i64, p, p, p, p, i64, i64, i64, p, p, p]
         lib.embed_forward.restype = None
         lib.embed_backward.argtypes = [p, i64, p, p, p, p, p, p, i64, i64, i64, i64, p, p, p, i64]
@@ -156,8 +163,7 @@ def relu_dropout_forward(z: torch.Tensor, bias: torch.Tensor, bits: np.ndarray, 
     rows, cols = z.shape
     _check(z, (rows, cols))
     _check(bias, (cols,))
-    if bits.dtype != np.uint64 or bits.shape[0] != rows or bits.shape[1] * 64 < cols * k or not bits.flags.c_contiguous:
-        raise ValueError(f"dropout bits {bits.dtype} {bits.shape} do not cover [{rows}, {cols}] x {k} bits")
+    _bits_ok(bits, rows, cols, k)
     library().relu_dropout_forward(z.data_ptr(), bias.data_ptr(), bits.ctypes.data, bits.shape[1] * 8, k,
                                    threshold, scale, rows, cols)
 
@@ -173,6 +179,56 @@ def relu_dropout_backward(grad: torch.Tensor, y: torch.Tensor, scale: float) -> 
                                        rows, cols):
         raise MemoryError("relu_dropout_backward: out of memory for the bias-gradient partial sums")
     return out, gb
+
+
+def column_stats(z: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(mean [cols], biased variance [cols]) of z [rows, cols], float64."""
+    rows, cols = z.shape
+    _check(z, (rows, cols))
+    mean, var = torch.empty(cols, dtype=torch.float64), torch.empty(cols, dtype=torch.float64)
+    if library().column_stats(z.data_ptr(), rows, cols, mean.data_ptr(), var.data_ptr()):
+        raise MemoryError("column_stats: out of memory for the partial sums")
+    return mean, var
+
+
+def _bits_ok(bits: np.ndarray, rows: int, cols: int, k: int) -> None:
+    if bits.dtype != np.uint64 or bits.shape[0] != rows or bits.shape[1] * 64 < cols * k or not bits.flags.c_contiguous:
+        raise ValueError(f"dropout bits {bits.dtype} {bits.shape} do not cover [{rows}, {cols}] x {k} bits")
+
+
+def affine_relu_dropout_forward(z: torch.Tensor, a: torch.Tensor, c: torch.Tensor, bits: np.ndarray, k: int,
+                                threshold: int, scale: float) -> torch.Tensor:
+    """dropout(relu(a * z + c)) [rows, cols] (a new tensor; a, c [cols]); mask bits as in
+    :func:`relu_dropout_forward`."""
+    rows, cols = z.shape
+    _check(z, (rows, cols))
+    _check(a, (cols,))
+    _check(c, (cols,))
+    _bits_ok(bits, rows, cols, k)
+    y = torch.empty_like(z)
+    library().affine_relu_dropout_forward(z.data_ptr(), y.data_ptr(), a.data_ptr(), c.data_ptr(), bits.ctypes.data,
+                                          bits.shape[1] * 8, k, threshold, scale, rows, cols)
+    return y
+
+
+def bn_relu_dropout_backward(grad: torch.Tensor, y: torch.Tensor, z: torch.Tensor, mean: torch.Tensor,
+                             invstd: torch.Tensor, gamma: torch.Tensor, scale: float
+                             ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(dL/dz, dL/dgamma, dL/dbeta, dL/dbias) of y = dropout(relu(gamma * (z - mean) * invstd + beta)) with
+    batch statistics (mean, invstd [cols] float32 of z itself)."""
+    rows, cols = y.shape
+    grad = grad.contiguous()
+    for t in (grad, y, z):
+        _check(t, (rows, cols))
+    for t in (mean, invstd, gamma):
+        _check(t, (cols,))
+    dz = torch.empty_like(z)
+    dgamma, dbeta, gb = z.new_empty(cols), z.new_empty(cols), z.new_empty(cols)
+    if library().bn_relu_dropout_backward(dz.data_ptr(), grad.data_ptr(), y.data_ptr(), z.data_ptr(), mean.data_ptr(),
+                                          invstd.data_ptr(), gamma.data_ptr(), scale, dgamma.data_ptr(),
+                                          dbeta.data_ptr(), gb.data_ptr(), rows, cols):
+        raise MemoryError("bn_relu_dropout_backward: out of memory for the partial sums")
+    return dz, dgamma, dbeta, gb
 
 
 def _ptr(t: torch.Tensor | None) -> int | None:

@@ -340,6 +340,50 @@ class _LinearReLUDropout(torch.autograd.Function):
         return gx, gw, gb if ctx.needs_input_grad[2] else None, None
 
 
+class _LinearBNReLUDropout(torch.autograd.Function):
+    """y = dropout(relu(bn(x W^T + b))) for training on CPU (``nn.BatchNorm1d`` with batch statistics, as
+    the ``default`` and ``bars`` presets use), with the C kernels: after the GEMM, one pass for the column
+    statistics and one for normalise + affine + ReLU + mask; backward two passes (the sums of batch norm's
+    gradient, then dL/dz with the bias gradient). The bias is left out of the GEMM's output: batch norm
+    subtracts the batch mean, so it only moves the running mean, which gets it added (as nn.BatchNorm1d's
+    would). Running statistics and ``num_batches_tracked`` are updated as nn.BatchNorm1d does."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, gamma: torch.Tensor,  # type: ignore[override]
+                beta: torch.Tensor, bn: nn.BatchNorm1d, drop: FastDropout) -> torch.Tensor:
+        z = torch.mm(x, weight.t())
+        n = z.shape[0]
+        mean, var = kernels.column_stats(z)  # float64
+        invstd = (var + bn.eps).rsqrt()
+        a = gamma.double() * invstd
+        scale = 1.0 / (1.0 - drop.p)
+        y = kernels.affine_relu_dropout_forward(z, a.float(), (beta.double() - mean * a).float(),
+                                                drop.draw(z.shape), drop.bits, drop.threshold, scale)
+        with torch.no_grad():
+            bn.num_batches_tracked.add_(1)
+            f = 1.0 / float(bn.num_batches_tracked) if bn.momentum is None else bn.momentum
+            bn.running_mean.mul_(1 - f).add_((mean + bias.double()).float(), alpha=f)
+            bn.running_var.mul_(1 - f).add_((var * (n / (n - 1))).float(), alpha=f)
+        ctx.save_for_backward(x, weight, z, y, mean.float(), invstd.float(), gamma)
+        ctx.scale = scale
+        return y
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):  # type: ignore[override]
+        x, weight, z, y, mean, invstd, gamma = ctx.saved_tensors
+        dz, dgamma, dbeta, gb = kernels.bn_relu_dropout_backward(grad, y, z, mean, invstd, gamma.float(), ctx.scale)
+        gx = _grad_input(dz, weight) if ctx.needs_input_grad[0] else None
+        gw = dz.t().mm(x) if ctx.needs_input_grad[1] else None
+        return gx, gw, gb, dgamma, dbeta, None, None
+
+
+def _fusable_bn(layer: nn.Linear, bn: nn.BatchNorm1d, drop: FastDropout, x: torch.Tensor) -> bool:
+    """Whether Linear -> BatchNorm1d -> ReLU -> ``drop`` runs as :class:`_LinearBNReLUDropout`: as
+    :func:`_fusable`, with batch statistics (training, affine, tracked running statistics, 2+ rows)."""
+    return (bn.training and bn.affine and bn.track_running_stats and bn.running_mean is not None
+            and x.shape[0] > 1 and bn.weight.dtype == torch.float32 and _fusable(layer, drop, x))
+
+
 def _fusable(layer: nn.Linear, drop: FastDropout, x: torch.Tensor) -> bool:
     """Whether Linear -> ReLU -> ``drop`` runs as :class:`_LinearReLUDropout`: training with gradients, on
     CPU in float32 without autocast, dropout on, and the kernels built (``kernels.status()``)."""
@@ -390,6 +434,11 @@ class MLP(nn.Module):
             if (isinstance(layer, nn.Linear) and isinstance(nxt, nn.ReLU) and i + 2 < len(layers)
                     and isinstance(layers[i + 2], FastDropout) and _fusable(layer, layers[i + 2], x)):
                 x, i = _LinearReLUDropout.apply(x, layer.weight, layer.bias, layers[i + 2]), i + 3
+            elif (isinstance(layer, nn.Linear) and isinstance(nxt, nn.BatchNorm1d) and i + 3 < len(layers)
+                  and isinstance(layers[i + 2], nn.ReLU) and isinstance(layers[i + 3], FastDropout)
+                  and _fusable_bn(layer, nxt, layers[i + 3], x)):
+                x = _LinearBNReLUDropout.apply(x, layer.weight, layer.bias, nxt.weight, nxt.bias, nxt, layers[i + 3])
+                i += 4
             elif isinstance(layer, nn.ReLU) and isinstance(nxt, FastDropout):
                 x, i = nxt(x, relu=True), i + 2  # ReLU then dropout in one pass
             elif isinstance(layer, nn.Linear):
