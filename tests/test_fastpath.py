@@ -369,3 +369,30 @@ def test_fused_batch_norm_path_matches_eager_including_running_statistics(p, mon
         assert a.shape == b.shape and torch.allclose(a, b, atol=1e-4, rtol=1e-3)
     for a, b in zip(buffers, want_buffers, strict=True):  # running mean/var and num_batches_tracked
         assert torch.allclose(a.double(), b.double(), atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("kind", ["deepfm", "dnn"])
+def test_fused_embedding_l2_penalty_matches_the_eager_path(kind, monkeypatch):
+    from deepfm.models import kernels
+
+    if kernels.library() is None:
+        pytest.skip(f"fused kernels unavailable: {kernels.status()}")
+    idx, val, y = _batch(B=57)
+
+    def step():
+        torch.manual_seed(3)
+        model = CTRModel(FIELDS, ModelConfig(model=kind, embed_dim=5, hidden=[24], init_std=0.1,
+                                             embedding_l2=0.05)).train()
+        logit = model(idx, val)
+        pen = model.embedding_penalty(idx)
+        loss = torch.nn.functional.binary_cross_entropy_with_logits(logit, y) + 0.05 * pen
+        names, params = zip(*model.named_parameters(), strict=True)
+        return pen, dict(zip(names, torch.autograd.grad(loss, params), strict=True)), model._penalty
+
+    pen, grads, left = step()
+    assert left is None  # handed over by embedding_penalty
+    monkeypatch.setattr(kernels, "library", lambda: None)
+    want_pen, want, _ = step()
+    assert torch.allclose(pen, want_pen, rtol=1e-5)
+    for name in want:
+        assert torch.allclose(grads[name], want[name], atol=1e-6, rtol=1e-4), name

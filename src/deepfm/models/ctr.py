@@ -79,6 +79,8 @@ class CTRModel(nn.Module):
         self.v = FusedTable(fields, cfg.embed_dim, std=cfg.init_std) if (self.use_fm or self.use_dnn) else None
         self.dnn = (MLP(self.dnn_width(fields), cfg.hidden, cfg.dropout, cfg.batch_norm, cfg.activation)
                     if self.use_dnn else None)
+        # (idx, sum of squares of the rows it used), from the fused forward of that idx (embedding_penalty)
+        self._penalty: tuple[torch.Tensor, torch.Tensor] | None = None
 
     def blocks(self, cfg: ModelConfig) -> tuple[bool, bool, bool]:
         """(first-order table ``w``, FM term, MLP ``dnn``) of this model kind (``v`` exists with FM or DNN)."""
@@ -97,8 +99,12 @@ class CTRModel(nn.Module):
 
     def forward(self, idx: torch.Tensor, val: torch.Tensor) -> torch.Tensor:
         logit = self.bias.expand(idx.shape[0])
-        if self.v is not None and self.v.fusable(idx, val):  # training on CPU: the same terms, C kernels
-            e, y_fm, y_first = self.v.fused(idx, val, self.use_fm, self.w)
+        self._penalty = None
+        if self.v is not None and self.v.fusable(idx, val):  # CPU: the same terms, C kernels
+            want = self.cfg.embedding_l2 > 0 and self.training and torch.is_grad_enabled()
+            e, y_fm, y_first, pen = self.v.fused(idx, val, self.use_fm, self.w, penalty=want)
+            if pen is not None and set(self.tables()) == {"w", "v"} - ({"w"} if self.w is None else set()):
+                self._penalty = (idx, pen)  # embedding_penalty(idx) returns it: no second gather
             for y in (y_first, y_fm):
                 if y is not None:
                     logit = logit + y
@@ -132,6 +138,9 @@ class CTRModel(nn.Module):
     def embedding_penalty(self, idx: torch.Tensor) -> torch.Tensor:
         """Sum of squares of the table rows this batch uses (so the cost scales with the batch, not the
         vocabulary), divided by the batch size; multiply by ``embedding_l2``."""
+        if self._penalty is not None and self._penalty[0] is idx:
+            pen, self._penalty = self._penalty[1], None
+            return pen / idx.shape[0]
         total = self.bias.new_zeros(())
         for table in self.tables().values():
             total = total + table.rows(idx).pow(2).sum()

@@ -327,11 +327,11 @@ CLONES int bn_relu_dropout_backward(float *restrict dz, const float *restrict gy
 ALWAYS void embed_rows(const float *restrict v, const int64_t K, const float *restrict w,
                        const int64_t *restrict rows, const float *restrict val, const int32_t *restrict slot_field,
                        int64_t b0, int64_t b1, int64_t S, int64_t F, float *restrict e, float *restrict fm,
-                       float *restrict first) {
+                       float *restrict first, float *restrict sq) {
     for (int64_t b = b0; b < b1; b++) {
         float *restrict eb = e + b * F * K;
         memset(eb, 0, (size_t)(F * K) * sizeof(float));
-        float lin = 0.0f;
+        float lin = 0.0f, ss = 0.0f;
         for (int64_t s = 0; s < S; s++) {
             const int64_t r = rows[b * S + s];
             const float x = val[b * S + s];
@@ -339,8 +339,13 @@ ALWAYS void embed_rows(const float *restrict v, const int64_t K, const float *re
             float *restrict o = eb + (int64_t)slot_field[s] * K;
             for (int64_t k = 0; k < K; k++) o[k] += t[k] * x;
             if (w) lin += w[r] * x;
+            if (sq) {
+                for (int64_t k = 0; k < K; k++) ss += t[k] * t[k];
+                if (w) ss += w[r] * w[r];
+            }
         }
         if (first) first[b] = lin;
+        if (sq) sq[b] = ss;
         if (fm) {
             float sum[K], sq[K];
             for (int64_t k = 0; k < K; k++) sum[k] = sq[k] = 0.0f;
@@ -358,23 +363,24 @@ ALWAYS void embed_rows(const float *restrict v, const int64_t K, const float *re
 }
 
 /* One pass over the batch for DeepFM's three field terms (Guo et al. 2017, eq. 1-2), rows shared by the
- * two tables (w may be NULL, as may fm and first):
+ * two tables (w may be NULL, as may fm, first and sq):
  *   e[b, f, :] = sum over slots s of field f (slot_field[s] = f) of v[rows[b, s], :] * val[b, s]
  *   fm[b]      = 0.5 * sum_k ((sum_f e[b, f, k])^2 - sum_f e[b, f, k]^2)
- *   first[b]   = sum_s w[rows[b, s]] * val[b, s] */
+ *   first[b]   = sum_s w[rows[b, s]] * val[b, s]
+ *   sq[b]      = sum_s |v[rows[b, s]]|^2 + w[rows[b, s]]^2   (the embedding L2 penalty's terms) */
 void embed_forward(const float *restrict v, int64_t K, const float *restrict w, const int64_t *restrict rows,
                    const float *restrict val, const int32_t *restrict slot_field, int64_t B, int64_t S,
-                   int64_t F, float *restrict e, float *restrict fm, float *restrict first) {
+                   int64_t F, float *restrict e, float *restrict fm, float *restrict first, float *restrict sq) {
 #pragma omp parallel
     {
         const int nt = omp_get_num_threads(), t = omp_get_thread_num();
         const int64_t b0 = B * t / nt, b1 = B * (t + 1) / nt;
         switch (K) {
-        case 4: embed_rows(v, 4, w, rows, val, slot_field, b0, b1, S, F, e, fm, first); break;
-        case 8: embed_rows(v, 8, w, rows, val, slot_field, b0, b1, S, F, e, fm, first); break;
-        case 10: embed_rows(v, 10, w, rows, val, slot_field, b0, b1, S, F, e, fm, first); break;
-        case 16: embed_rows(v, 16, w, rows, val, slot_field, b0, b1, S, F, e, fm, first); break;
-        default: embed_rows(v, K, w, rows, val, slot_field, b0, b1, S, F, e, fm, first);
+        case 4: embed_rows(v, 4, w, rows, val, slot_field, b0, b1, S, F, e, fm, first, sq); break;
+        case 8: embed_rows(v, 8, w, rows, val, slot_field, b0, b1, S, F, e, fm, first, sq); break;
+        case 10: embed_rows(v, 10, w, rows, val, slot_field, b0, b1, S, F, e, fm, first, sq); break;
+        case 16: embed_rows(v, 16, w, rows, val, slot_field, b0, b1, S, F, e, fm, first, sq); break;
+        default: embed_rows(v, K, w, rows, val, slot_field, b0, b1, S, F, e, fm, first, sq);
         }
     }
 }
@@ -402,12 +408,12 @@ ALWAYS void embed_grad_rows(const float *restrict ge, int64_t ld, const float *r
     }
 }
 
-/* grad_v[rows[p]] += scratch[at[i]] * val[p] and grad_w[rows[p]] += gfirst[b] * val[p] for the listed
- * pairs p = list[i] = b * S + s (bs[i] = b) */
+/* grad_v[rows[p]] += scratch[at[i]] * val[p] + c * v[rows[p]] and grad_w[rows[p]] += gfirst[b] * val[p]
+ * + c * w[rows[p]] for the listed pairs p = list[i] = b * S + s (bs[i] = b); c: the L2 penalty's 2 x dL/dpen */
 ALWAYS void embed_scatter(const int32_t *restrict list, const int32_t *restrict at, const int32_t *restrict bs,
                           int64_t n, const int64_t *restrict rows, const float *restrict val, const int64_t K,
                           const float *restrict scratch, float *restrict grad_v, const float *restrict gfirst,
-                          float *restrict grad_w) {
+                          float *restrict grad_w, const float *restrict v, const float *restrict w, float c) {
     for (int64_t i = 0; i < n; i++) {
         const int32_t p = list[i];
         const int64_t r = rows[p];
@@ -415,20 +421,27 @@ ALWAYS void embed_scatter(const int32_t *restrict list, const int32_t *restrict 
         if (grad_v) {
             const float *restrict src = scratch + (int64_t)at[i] * K;
             float *restrict o = grad_v + r * K;
-            for (int64_t k = 0; k < K; k++) o[k] += src[k] * x;
+            if (c != 0.0f) {
+                const float *restrict t = v + r * K;
+                for (int64_t k = 0; k < K; k++) o[k] += src[k] * x + c * t[k];
+            } else {
+                for (int64_t k = 0; k < K; k++) o[k] += src[k] * x;
+            }
         }
-        if (grad_w) grad_w[r] += gfirst[bs[i]] * x;
+        if (grad_w) grad_w[r] += (gfirst ? gfirst[bs[i]] * x : 0.0f) + c * w[r];
     }
 }
 
 /* The table gradients of embed_forward (dense over the R table rows, zeroed by the caller; grad_v and/or
- * grad_w may be NULL when not wanted, ge/gfm/gfirst when their output got no gradient). Each thread owns
+ * grad_w may be NULL when not wanted, ge/gfm/gfirst when their output got no gradient; c = 2 x dL/dpenalty
+ * adds the L2 penalty's gradient, c * row, per use of a row, from the tables v and w). Each thread owns
  * one range of table rows and adds its pairs in batch order: no races, and the same sums whatever the
  * thread count. Returns 1 when out of memory. */
 int embed_backward(const float *restrict ge, int64_t ld, const float *restrict gfm, const float *restrict gfirst,
                    const float *restrict e, const int64_t *restrict rows, const float *restrict val,
                    const int32_t *restrict slot_field, int64_t B, int64_t S, int64_t F, int64_t K,
-                   float *restrict scratch, float *restrict grad_v, float *restrict grad_w, int64_t R) {
+                   float *restrict scratch, float *restrict grad_v, float *restrict grad_w, int64_t R,
+                   const float *restrict v, const float *restrict w, float c) {
     const int nt = omp_get_max_threads();
     int32_t *lists = malloc((size_t)nt * (size_t)(B * S) * 3 * sizeof(int32_t));
     if (!lists) return 1;
@@ -455,8 +468,8 @@ int embed_backward(const float *restrict ge, int64_t ld, const float *restrict g
             }
 #pragma omp barrier
         switch (K) {
-        case 10: embed_scatter(list, at, bs, m, rows, val, 10, scratch, grad_v, gfirst, grad_w); break;
-        default: embed_scatter(list, at, bs, m, rows, val, K, scratch, grad_v, gfirst, grad_w);
+        case 10: embed_scatter(list, at, bs, m, rows, val, 10, scratch, grad_v, gfirst, grad_w, v, w, c); break;
+        default: embed_scatter(list, at, bs, m, rows, val, K, scratch, grad_v, gfirst, grad_w, v, w, c);
         }
     }
     free(lists);

@@ -123,9 +123,10 @@ def _build() -> tuple[ctypes.CDLL | None, str]:
         lib.affine_relu_dropout_forward.restype = None
         lib.bn_relu_dropout_backward.argtypes = [p, p, p, p, p, p, p, ctypes.c_float, p, p, p, i64, i64]
         lib.bn_relu_dropout_backward.restype = ctypes.c_int
-        lib.embed_forward.argtypes = [p, i64, p, p, p, p, i64, i64, i64, p, p, p]
+        lib.embed_forward.argtypes = [p, i64, p, p, p, p, i64, i64, i64, p, p, p, p]
         lib.embed_forward.restype = None
-        lib.embed_backward.argtypes = [p, i64, p, p, p, p, p, p, i64, i64, i64, i64, p, p, p, i64]
+        lib.embed_backward.argtypes = [p, i64, p, p, p, p, p, p, i64, i64, i64, i64, p, p, p, i64, p, p,
+                                       ctypes.c_float]
         lib.embed_backward.restype = ctypes.c_int
         return lib, f"on ({lib_path})"
     return None, f"off (build failed: {'; '.join(e[0] for e in errors)})"
@@ -236,18 +237,21 @@ def _ptr(t: torch.Tensor | None) -> int | None:
 
 
 def embed_forward(v: torch.Tensor, w: torch.Tensor | None, rows: torch.Tensor, val: torch.Tensor,
-                  slot_field: torch.Tensor, n_fields: int, fm: bool, first: bool
-                  ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
-    """One pass for DeepFM's field terms: (e [B, F, K], fm [B] or None, first [B] or None), with
-    e[b, f] = sum of v[rows[b, s]] * val[b, s] over the slots s of field f, fm the FM second-order term over
-    e (paper eq. 2) and first = sum_s w[rows[b, s]] * val[b, s] (needs ``w`` [R, 1]). v [R, K] float32,
-    rows [B, S] int64 (< R), val [B, S] float32, slot_field [S] int32 (< n_fields)."""
+                  slot_field: torch.Tensor, n_fields: int, fm: bool, first: bool, penalty: bool = False
+                  ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None, torch.Tensor | None]:
+    """One pass for DeepFM's field terms: (e [B, F, K], fm [B] or None, first [B] or None, penalty [] or
+    None), with e[b, f] = sum of v[rows[b, s]] * val[b, s] over the slots s of field f, fm the FM
+    second-order term over e (paper eq. 2), first = sum_s w[rows[b, s]] * val[b, s] (needs ``w`` [R, 1]) and
+    penalty the sum of squares of the rows used, per use, in v and w (``CTRModel.embedding_penalty`` times
+    B). v [R, K] float32, rows [B, S] int64 (< R), val [B, S] float32, slot_field [S] int32 (< n_fields)."""
     R, K = v.shape
     B, S = rows.shape
     _check(v, (R, K))
     _check(val, (B, S))
-    if first:
+    if w is not None:
         _check(w, (R, 1))
+    if first and w is None:
+        raise ValueError("the first-order term needs the table w")
     if (rows.dtype != torch.int64 or not rows.is_contiguous() or slot_field.dtype != torch.int32
             or tuple(slot_field.shape) != (S,) or not slot_field.is_contiguous()):
         raise ValueError("rows must be contiguous int64 [B, S] and slot_field contiguous int32 [S]")
@@ -256,18 +260,21 @@ def embed_forward(v: torch.Tensor, w: torch.Tensor | None, rows: torch.Tensor, v
     e = v.new_empty(B, n_fields, K)
     y_fm = v.new_empty(B) if fm else None
     y_first = v.new_empty(B) if first else None
-    library().embed_forward(v.data_ptr(), K, _ptr(w) if first else None, rows.data_ptr(), val.data_ptr(),
-                            slot_field.data_ptr(), B, S, n_fields, e.data_ptr(), _ptr(y_fm), _ptr(y_first))
-    return e, y_fm, y_first
+    sq = v.new_empty(B) if penalty else None
+    library().embed_forward(v.data_ptr(), K, _ptr(w), rows.data_ptr(), val.data_ptr(), slot_field.data_ptr(), B, S,
+                            n_fields, e.data_ptr(), _ptr(y_fm), _ptr(y_first), _ptr(sq))
+    return e, y_fm, y_first, None if sq is None else sq.sum()
 
 
 def embed_backward(grad_e: torch.Tensor | None, grad_fm: torch.Tensor | None, grad_first: torch.Tensor | None,
-                   e: torch.Tensor, rows: torch.Tensor, val: torch.Tensor, slot_field: torch.Tensor,
-                   n_rows: int, want_v: bool, want_w: bool) -> tuple[torch.Tensor | None, torch.Tensor | None]:
-    """The dense table gradients (v [n_rows, K], w [n_rows, 1]) of :func:`embed_forward` from dL/de
-    [B, F, K] (any row stride, unit stride inside a row), dL/dfm [B] and dL/dfirst [B] (each may be None)."""
+                   grad_penalty: torch.Tensor | None, v: torch.Tensor, w: torch.Tensor | None, e: torch.Tensor,
+                   rows: torch.Tensor, val: torch.Tensor, slot_field: torch.Tensor, want_v: bool, want_w: bool
+                   ) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+    """The dense table gradients (v [R, K], w [R, 1]) of :func:`embed_forward` from dL/de [B, F, K] (any row
+    stride, unit stride inside a row), dL/dfm [B], dL/dfirst [B] and dL/dpenalty [] (each may be None)."""
     B, F, K = e.shape
     S = rows.shape[1]
+    n_rows = v.shape[0]
     ld = F * K
     if grad_e is not None:
         if grad_e.stride(2) != 1 or grad_e.stride(1) != K:
@@ -278,15 +285,16 @@ def embed_backward(grad_e: torch.Tensor | None, grad_fm: torch.Tensor | None, gr
     if grad_fm is not None:
         grad_fm = grad_fm.contiguous()
         _check(grad_fm, (B,))
-    want_w = want_w and grad_first is not None
-    if want_w:
+    if grad_first is not None:
         grad_first = grad_first.contiguous()
         _check(grad_first, (B,))
+    c = 0.0 if grad_penalty is None else 2.0 * float(grad_penalty)
+    want_w = want_w and w is not None and (grad_first is not None or c != 0.0)
     gv = e.new_zeros(n_rows, K) if want_v else None
     gw = e.new_zeros(n_rows, 1) if want_w else None
     scratch = e.new_empty(B, F, K) if want_v else None
     if library().embed_backward(_ptr(grad_e), ld, _ptr(grad_fm), _ptr(grad_first) if want_w else None,
                                 e.data_ptr(), rows.data_ptr(), val.data_ptr(), slot_field.data_ptr(), B, S, F, K,
-                                _ptr(scratch), _ptr(gv), _ptr(gw), n_rows):
+                                _ptr(scratch), _ptr(gv), _ptr(gw), n_rows, v.data_ptr(), _ptr(w), c):
         raise MemoryError("embed_backward: out of memory for the per-thread pair lists")
     return gv, gw

@@ -54,11 +54,13 @@ class FusedTable(nn.Module):
             return leaf, inv
         return self.weight, self.global_rows(idx)
 
-    def fused(self, idx: torch.Tensor, val: torch.Tensor, fm: bool, first: FusedTable | None = None
-              ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
-        """Training on CPU with the C kernels (see ``fusable``): (``forward(idx, val)``, its FM term
-        ``fm_second_order`` [B] if ``fm``, and ``first(idx, val).sum((1, 2))`` [B] if ``first``, a dim-1
-        table over the same fields), in one pass."""
+    def fused(self, idx: torch.Tensor, val: torch.Tensor, fm: bool, first: FusedTable | None = None,
+              penalty: bool = False
+              ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None, torch.Tensor | None]:
+        """With the C kernels (see ``fusable``), in one pass: (``forward(idx, val)``, its FM term
+        ``fm_second_order`` [B] if ``fm``, ``first(idx, val).sum((1, 2))`` [B] if ``first`` (a dim-1 table over
+        the same fields), and, if ``penalty``, the sum of squares of the rows used in both tables (per use;
+        None if ``first`` could not share the pass))."""
         if self.slot_field_i32 is None:
             self.slot_field_i32 = self.slot_field.to(torch.int32)
         table, rows = self.source(idx)
@@ -67,11 +69,12 @@ class FusedTable(nn.Module):
             mine, theirs = self.gathered, first.gathered
             if (mine is None and theirs is None) or (mine is not None and theirs is not None and mine[0] is theirs[0]):
                 w = first.source(idx)[0]  # the same rows: same fields, gathered alike
-        e, y_fm, y_first = _FieldEmbed.apply(table, w, rows.contiguous(), val.contiguous(), self.slot_field_i32,
-                                             self.n_fields, fm)
+        shared = first is None or w is not None
+        e, y_fm, y_first, pen = _FieldEmbed.apply(table, w, rows.contiguous(), val.contiguous(),
+                                                  self.slot_field_i32, self.n_fields, fm, penalty and shared)
         if first is not None and w is None:
             y_first = first(idx, val).sum(dim=(1, 2))
-        return e, y_fm, y_first
+        return e, y_fm, y_first, pen
 
     def fusable(self, idx: torch.Tensor, val: torch.Tensor) -> bool:
         """Whether :meth:`fused` can run (training or scoring): CPU float32 without autocast, no gradient
@@ -89,27 +92,28 @@ class FusedTable(nn.Module):
 
 
 class _FieldEmbed(torch.autograd.Function):
-    """(e, fm, first) = (v(idx, val), fm_second_order(e), w(idx, val).sum((1, 2))) from the two tables and
-    their shared rows, with the C kernels: one pass over the batch forward; backward one pass for dL/de (the
-    DNN's plus the FM's, S_k - e_fk) and one race-free scatter-add into both dense table gradients (each
-    thread owns a range of table rows)."""
+    """(e, fm, first, penalty) = (v(idx, val), fm_second_order(e), w(idx, val).sum((1, 2)), the sum of
+    squares of the rows used in v and w) from the two tables and their shared rows, with the C kernels: one
+    pass over the batch forward; backward one pass for dL/de (the DNN's plus the FM's, S_k - e_fk) and one
+    race-free scatter-add into both dense table gradients, L2 penalty included (each thread owns a range of
+    table rows)."""
 
     @staticmethod
     def forward(ctx, v: torch.Tensor, w: torch.Tensor | None, rows: torch.Tensor, val: torch.Tensor,  # type: ignore[override]
-                slot_field: torch.Tensor, n_fields: int, fm: bool):
-        e, y_fm, y_first = kernels.embed_forward(v, w, rows, val, slot_field, n_fields, fm, w is not None)
-        ctx.save_for_backward(e, rows, val, slot_field)
-        ctx.n_rows = v.shape[0]
+                slot_field: torch.Tensor, n_fields: int, fm: bool, penalty: bool):
+        e, y_fm, y_first, pen = kernels.embed_forward(v, w, rows, val, slot_field, n_fields, fm, w is not None,
+                                                      penalty)
+        ctx.save_for_backward(e, rows, val, slot_field, v, w)
         ctx.set_materialize_grads(False)  # an unused output's gradient stays None: the kernel skips it
-        return e, y_fm, y_first
+        return e, y_fm, y_first, pen
 
     @staticmethod
     def backward(ctx, grad_e: torch.Tensor | None, grad_fm: torch.Tensor | None,  # type: ignore[override]
-                 grad_first: torch.Tensor | None):
-        e, rows, val, slot_field = ctx.saved_tensors
-        gv, gw = kernels.embed_backward(grad_e, grad_fm, grad_first, e, rows, val, slot_field, ctx.n_rows,
+                 grad_first: torch.Tensor | None, grad_pen: torch.Tensor | None):
+        e, rows, val, slot_field, v, w = ctx.saved_tensors
+        gv, gw = kernels.embed_backward(grad_e, grad_fm, grad_first, grad_pen, v, w, e, rows, val, slot_field,
                                         ctx.needs_input_grad[0], ctx.needs_input_grad[1])
-        return gv, gw, None, None, None, None, None
+        return gv, gw, None, None, None, None, None, None
 
 
 def fm_second_order(e: torch.Tensor) -> torch.Tensor:
