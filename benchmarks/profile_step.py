@@ -1,15 +1,22 @@
-"""Where a DeepFM training step's time goes: GEMMs versus everything else, from torch's profiler.
+"""Where a DeepFM training step's time goes: GEMMs versus everything else, from torch's profiler, and what
+the fused CPU kernels (``deepfm.models.kernels``) save against eager PyTorch.
 
     python benchmarks/profile_step.py --data DIR [--steps 20] [--threads 2] [--embedding-update dense]
+                                      [--batch-norm --dropout 0.2 --embedding-l2 1e-3] [--ab 8]
 
 DIR holds a Criteo-format train.tsv (e.g. from ``deepfm synth``). Trains the paper config (embedding 10,
-400-400-400, dropout 0.5, batch 4096) for a few warm-up steps, then profiles ``--steps`` steps and prints
-the time per step in GEMMs (aten::mm/addmm), in the other top ops, and the GEMM share.
+400-400-400, dropout 0.5, batch 4096; the flags give the ``default`` preset's batch norm, dropout and
+embedding L2) for a few warm-up steps, then profiles ``--steps`` steps and prints the time per step in
+GEMMs (aten::mm/addmm), in the other top ops, and the GEMM share. With ``--ab N`` it then trains N rounds
+of ``--steps`` steps alternating the kernels on and off (same process, same data) and prints the median
+samples/s of each.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
+import statistics
 import time
 from pathlib import Path
 
@@ -19,6 +26,7 @@ from torch.profiler import profile
 from deepfm.data import readers
 from deepfm.data.preprocess import Preprocessor
 from deepfm.data.store import Batcher, layout
+from deepfm.models import kernels
 from deepfm.models.ctr import ModelConfig, build_model
 from deepfm.train.trainer import TrainConfig, fit
 
@@ -29,14 +37,21 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=20)
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--embedding-update", default="dense")
+    ap.add_argument("--batch-norm", action="store_true")
+    ap.add_argument("--dropout", type=float, default=0.5)
+    ap.add_argument("--embedding-l2", type=float, default=0.0)
+    ap.add_argument("--ab", type=int, default=0, help="rounds of kernels on / off, alternating")
+    ap.add_argument("--top", type=int, default=15)
     a = ap.parse_args()
     schema = readers.default_schema("criteo")
     pre = Preprocessor(schema)
     enc = pre.fit_transform(readers.read(a.data / "train.tsv", "criteo", schema))
     fields = layout(pre)
-    model = build_model(fields, ModelConfig())
+    model = build_model(fields, ModelConfig(dropout=a.dropout, batch_norm=a.batch_norm,
+                                            embedding_l2=a.embedding_l2))
     cfg = TrainConfig(epochs=1, batch_size=4096, threads=a.threads, embedding_update=a.embedding_update)
     batcher = Batcher(enc, fields)
+    print(f"fused CPU kernels: {kernels.status()}")
     fit(model, batcher, cfg, train_rows=np.arange(4096 * 3), progress=False)  # warm-up
     rows = np.arange(4096 * a.steps)
     t0 = time.perf_counter()
@@ -49,8 +64,18 @@ def main() -> None:
     gemm = sum(e.self_cpu_time_total for e in ops if e.key in ("aten::mm", "aten::addmm")) / 1e3 / a.steps
     print(f"step without profiler: {plain * 1e3:.1f} ms ({4096 / plain:,.0f} samples/s)")
     print(f"profiled ops per step: {total:.1f} ms, of which GEMM {gemm:.1f} ms ({100 * gemm / total:.0f}%)")
-    for e in ops[:15]:
+    for e in ops[:a.top]:
         print(f"  {e.key:<40} {e.self_cpu_time_total / 1e3 / a.steps:7.2f} ms/step  ({e.count // a.steps} calls)")
+    if a.ab and kernels.library() is not None:
+        rates: dict[str, list[float]] = {"kernels": [], "eager": []}
+        for _ in range(a.ab):
+            for name in rates:
+                with kernels.disabled() if name == "eager" else contextlib.nullcontext():
+                    hist = fit(model, batcher, cfg, train_rows=rows, progress=False)
+                rates[name].append(rows.size / hist[0]["train_seconds"])
+        k, e = statistics.median(rates["kernels"]), statistics.median(rates["eager"])
+        print(f"A/B over {a.ab} alternating rounds of {a.steps} steps: kernels {k:,.0f} samples/s, "
+              f"eager PyTorch {e:,.0f} samples/s ({k / e:.2f}x)")
 
 
 if __name__ == "__main__":

@@ -9,6 +9,7 @@ than torch's in the process, or ``DEEPFM_KERNELS=0``. ``status()`` says which.
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import hashlib
 import os
@@ -18,6 +19,7 @@ import stat
 import subprocess
 import sys
 import tempfile
+from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
@@ -133,10 +135,21 @@ def _build() -> tuple[ctypes.CDLL | None, str]:
 
 
 def library() -> ctypes.CDLL | None:
-    """The loaded kernels, or None (built once per process; see ``status``)."""
+    """The loaded kernels, or None (built once per process; see ``status``; None inside ``disabled()``)."""
     if "lib" not in _state:
         _state["lib"], _state["status"] = _build()
-    return _state["lib"]  # type: ignore[return-value]
+    return None if _state.get("disabled") else _state["lib"]  # type: ignore[return-value]
+
+
+@contextlib.contextmanager
+def disabled() -> Iterator[None]:
+    """Inside the block, everything takes the eager PyTorch path (for comparisons and tests)."""
+    before = _state.get("disabled", False)
+    _state["disabled"] = True
+    try:
+        yield
+    finally:
+        _state["disabled"] = before
 
 
 def status() -> str:
