@@ -65,7 +65,8 @@ def main() -> None:
     block = (f"Medians over {len(runs)} runs of `python benchmarks/run.py --settings {a.setting}` "
              f"({', '.join(p.name for p in files)}), written by `python benchmarks/median.py --setting "
              f"{a.setting}{' --since ' + a.since if a.since else ''} --docs`. Ratios are taken within each run, "
-             "then the median.\n\n" + "\n".join(lines))
+             "then the median. The % of the GEMM limit uses, for deepfm, the limit its own process measured "
+             "right after training (`gemm_after_train`), for the peers the run's.\n\n" + "\n".join(lines))
     print(block)
     if a.docs:
         write_docs(f"{a.setting}-median", block)

@@ -220,6 +220,28 @@ CLONES void affine_relu_dropout_forward(const float *restrict z, float *restrict
     }
 }
 
+/* one row of each pass of bn_relu_dropout_backward (separate functions: vectorised with restrict) */
+CLONES __attribute__((noinline)) static void bn_backward_row1(float *restrict o, const float *restrict g,
+    const float *restrict y, const float *restrict z, const float *restrict mu, const float *restrict is,
+    float scale, float *restrict b1, float *restrict b2, int64_t cols) {
+    for (int64_t j = 0; j < cols; j++) {
+        const float gu = g[j] * (y[j] > 0.0f ? scale : 0.0f);
+        o[j] = gu;
+        b1[j] += gu;
+        b2[j] += gu * ((z[j] - mu[j]) * is[j]);
+    }
+}
+
+CLONES __attribute__((noinline)) static void bn_backward_row2(float *restrict o, const float *restrict z,
+    const float *restrict mu, const float *restrict is, const float *restrict k0, const float *restrict k1,
+    const float *restrict k2, float *restrict blk, int64_t cols) {
+    for (int64_t j = 0; j < cols; j++) {
+        const float v = k0[j] * o[j] - k1[j] - k2[j] * ((z[j] - mu[j]) * is[j]);
+        o[j] = v;
+        blk[j] += v;
+    }
+}
+
 /* Backward of y = dropout(relu(gamma * xhat + beta)), xhat = (z - mean) * invstd (batch statistics):
  *   gu = y > 0 ? gy * scale : 0;  dbeta = sum_r gu;  dgamma = sum_r gu * xhat
  *   dz = gamma * invstd / N * (N * gu - dbeta - xhat * dgamma);  gb = sum_r dz (the Linear's bias)
@@ -244,17 +266,15 @@ CLONES int bn_relu_dropout_backward(float *restrict dz, const float *restrict gy
         const int tid = omp_get_thread_num();
         double *restrict s1 = part + (size_t)tid * (size_t)cols * 2, *restrict s2 = s1 + cols;
         float *restrict b1 = blocks + (size_t)tid * (size_t)cols * 2, *restrict b2 = b1 + cols;
+        /* thread-local copies of the shared pointers and scalars: lets the compiler vectorise */
+        const float *restrict mu = mean, *restrict is = invstd;
+        const float sc = scale;
         int n = 0;
 #pragma omp for schedule(static)
         for (int64_t r = 0; r < rows; r++) {
             float *restrict o = dz + r * cols;
             const float *restrict gr = gy + r * cols, *restrict yr = y + r * cols, *restrict zr = z + r * cols;
-            for (int64_t j = 0; j < cols; j++) {
-                const float gu = gr[j] * (yr[j] > 0.0f ? scale : 0.0f);
-                o[j] = gu;
-                b1[j] += gu;
-                b2[j] += gu * ((zr[j] - mean[j]) * invstd[j]);
-            }
+            bn_backward_row1(o, gr, yr, zr, mu, is, sc, b1, b2, cols);
             if (++n == 64) {
                 for (int64_t j = 0; j < cols; j++) {
                     s1[j] += b1[j];
@@ -295,11 +315,7 @@ CLONES int bn_relu_dropout_backward(float *restrict dz, const float *restrict gy
         for (int64_t r = 0; r < rows; r++) {
             float *restrict o = dz + r * cols;
             const float *restrict zr = z + r * cols;
-            for (int64_t j = 0; j < cols; j++) {
-                const float v = k0[j] * o[j] - k1[j] - k2[j] * ((zr[j] - mean[j]) * invstd[j]);
-                o[j] = v;
-                blk[j] += v;
-            }
+            bn_backward_row2(o, zr, mu, is, k0, k1, k2, blk, cols);
             if (++n == 64) {
                 for (int64_t j = 0; j < cols; j++) {
                     acc[j] += blk[j];

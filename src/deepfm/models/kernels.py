@@ -1,8 +1,8 @@
-"""Optional fused CPU kernels for the training step (``kernels.c``), compiled on first use and cached.
+"""Optional fused CPU kernels for training and scoring (``kernels.c``), compiled on first use and cached.
 
-The C file is built with the system C compiler (``$CC``, else ``cc``/``gcc``) into a per-user cache
-(``$DEEPFM_CACHE_DIR``, else ``$XDG_CACHE_HOME/deepfm`` or ``~/.cache/deepfm``), named by a hash of the
-source, the flags and the compiler, written then renamed. Everything degrades to the eager PyTorch path,
+The C file is built with the system C compiler (``$CC``, else ``cc``/``gcc``) into the per-user cache
+(``$DEEPFM_CACHE/kernels``, by default ``~/.cache/deepfm/kernels``), named by a hash of the source, the
+flags and the compiler, written then renamed. Everything degrades to the eager PyTorch path,
 which gives the same results: no compiler, a failed build, a non-Linux platform, an OpenMP runtime other
 than torch's in the process, or ``DEEPFM_KERNELS=0``. ``status()`` says which.
 """
@@ -25,17 +25,15 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from deepfm.data.store import default_cache_dir
+
 SOURCE = Path(__file__).with_name("kernels.c")
 _FLAG_SETS = (["-O3", "-fPIC", "-shared", "-fopenmp", "-DDEEPFM_CLONES"], ["-O3", "-fPIC", "-shared", "-fopenmp"])
 _state: dict[str, object] = {}
 
 
 def _cache_dir() -> Path:
-    env = os.environ.get("DEEPFM_CACHE_DIR")
-    if env:
-        return Path(env)
-    base = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
-    return Path(base) / "deepfm"
+    return default_cache_dir() / "kernels"  # next to the encoded-store cache ($DEEPFM_CACHE)
 
 
 def _private(path: Path) -> bool:
