@@ -15,6 +15,16 @@ FIELDS = [FieldSpec("a", "cat", 50, 1), FieldSpec("b", "cat", 70, 1), FieldSpec(
           FieldSpec("tags", "multi", 30, 3, "sum")]
 
 
+@pytest.fixture
+def kernels():
+    """The fused CPU kernels module; the test is skipped where they could not be built."""
+    from deepfm.models import kernels as k
+
+    if k.library() is None:
+        pytest.skip(f"fused kernels unavailable: {k.status()}")
+    return k
+
+
 def _batch(B=64, seed=0):
     g = torch.Generator().manual_seed(seed)
     idx = torch.stack([torch.randint(0, 50, (B,), generator=g), torch.randint(0, 70, (B,), generator=g),
@@ -258,11 +268,7 @@ def _mlp_step(hidden, p, seed=0):
 
 
 @pytest.mark.parametrize("p", [0.5, 0.25, 0.125, 0.1, 0.3])
-def test_fused_linear_relu_dropout_kernels_match_the_eager_path(p, monkeypatch):
-    from deepfm.models import kernels
-
-    if kernels.library() is None:
-        pytest.skip(f"fused kernels unavailable: {kernels.status()}")
+def test_fused_linear_relu_dropout_kernels_match_the_eager_path(p, monkeypatch, kernels):
     hidden = [45, 33]  # widths that are not multiples of 8: the kernels' row tails
     out, grads, _ = _mlp_step(hidden, p)
     monkeypatch.setattr(kernels, "library", lambda: None)
@@ -272,12 +278,9 @@ def test_fused_linear_relu_dropout_kernels_match_the_eager_path(p, monkeypatch):
         assert a.shape == b.shape and torch.allclose(a, b, atol=1e-5, rtol=1e-5)
 
 
-def test_fused_path_is_used_when_training_and_eager_otherwise():
-    from deepfm.models import kernels
+def test_fused_path_is_used_when_training_and_eager_otherwise(kernels):
     from deepfm.models.layers import MLP
 
-    if kernels.library() is None:
-        pytest.skip(f"fused kernels unavailable: {kernels.status()}")
     mlp = MLP(16, [8], 0.5, False, "relu").train()
     x = torch.randn(4, 16)
 
@@ -310,11 +313,7 @@ def test_kernels_can_be_turned_off(monkeypatch, tmp_path):
 
 
 @pytest.mark.parametrize("kind", ["deepfm", "fm", "dnn", "wdl", "lr"])
-def test_fused_embedding_and_fm_kernels_match_the_eager_path(kind, monkeypatch):
-    from deepfm.models import kernels
-
-    if kernels.library() is None:
-        pytest.skip(f"fused kernels unavailable: {kernels.status()}")
+def test_fused_embedding_and_fm_kernels_match_the_eager_path(kind, monkeypatch, kernels):
     idx, val, y = _batch(B=57)
 
     def step():
@@ -341,12 +340,9 @@ def test_fused_embedding_and_fm_kernels_match_the_eager_path(kind, monkeypatch):
 
 
 @pytest.mark.parametrize("p", [0.5, 0.2])
-def test_fused_batch_norm_path_matches_eager_including_running_statistics(p, monkeypatch):
-    from deepfm.models import kernels
+def test_fused_batch_norm_path_matches_eager_including_running_statistics(p, monkeypatch, kernels):
     from deepfm.models.layers import MLP
 
-    if kernels.library() is None:
-        pytest.skip(f"fused kernels unavailable: {kernels.status()}")
 
     def step():
         torch.manual_seed(1)
@@ -372,11 +368,7 @@ def test_fused_batch_norm_path_matches_eager_including_running_statistics(p, mon
 
 
 @pytest.mark.parametrize("kind", ["deepfm", "dnn"])
-def test_fused_embedding_l2_penalty_matches_the_eager_path(kind, monkeypatch):
-    from deepfm.models import kernels
-
-    if kernels.library() is None:
-        pytest.skip(f"fused kernels unavailable: {kernels.status()}")
+def test_fused_embedding_l2_penalty_matches_the_eager_path(kind, monkeypatch, kernels):
     idx, val, y = _batch(B=57)
 
     def step():

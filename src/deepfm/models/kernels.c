@@ -18,6 +18,31 @@
 #define CLONES
 #endif
 
+/* Column sums over a thread's rows are kept in float for blocks of 64 rows, then added into double. */
+static inline void flush_block(double *restrict acc, float *restrict blk, int64_t cols) {
+    for (int64_t j = 0; j < cols; j++) {
+        acc[j] += blk[j];
+        blk[j] = 0.0f;
+    }
+}
+
+/* out[j] = the sum over the nt threads of part[t * stride + j], in thread order */
+static void reduce_threads(const double *part, int nt, size_t stride, int64_t cols, float *out) {
+    for (int64_t j = 0; j < cols; j++) {
+        double s = 0.0;
+        for (int t = 0; t < nt; t++) s += part[(size_t)t * stride + j];
+        out[j] = (float)s;
+    }
+}
+
+/* lut[v][t]: the multiplier (scale if kept, else 0) of the t-th k-bit field of mask byte v (k <= 8) */
+static void dropout_lut(float lut[256][8], int k, uint32_t thr, float scale) {
+    const uint32_t mask = (1u << k) - 1;
+    for (int v = 0; v < 256; v++)
+        for (int t = 0; t < 8; t++)
+            lut[v][t] = (t < 8 / k && ((v >> (t * k)) & mask) >= thr) ? scale : 0.0f;
+}
+
 /* E = 8 / k elements per mask byte; lut[v][t]: the multiplier (scale or 0) of the t-th element of byte v */
 static inline void forward_row(float *restrict z, const float *restrict b, const uint8_t *restrict bits,
                                const float (*lut)[8], int64_t cols, const int E) {
@@ -40,12 +65,7 @@ CLONES void relu_dropout_forward(float *restrict z, const float *restrict b, con
                                  int64_t row_bytes, int k, uint32_t thr, float scale, int64_t rows,
                                  int64_t cols) {
     float lut[256][8] __attribute__((aligned(32)));
-    if (k <= 8) {
-        const uint32_t mask = (1u << k) - 1;
-        for (int v = 0; v < 256; v++)
-            for (int t = 0; t < 8; t++)
-                lut[v][t] = (t < 8 / k && ((v >> (t * k)) & mask) >= thr) ? scale : 0.0f;
-    }
+    if (k <= 8) dropout_lut(lut, k, thr, scale);
 #pragma omp parallel for schedule(static)
     for (int64_t r = 0; r < rows; r++) {
         float *restrict zr = z + r * cols;
@@ -95,20 +115,13 @@ CLONES int relu_dropout_backward(float *restrict out, const float *restrict g, c
                 blk[j] += v;
             }
             if (++n == 64) {
-                for (int64_t j = 0; j < cols; j++) {
-                    acc[j] += blk[j];
-                    blk[j] = 0.0f;
-                }
+                flush_block(acc, blk, cols);
                 n = 0;
             }
         }
-        for (int64_t j = 0; j < cols; j++) acc[j] += blk[j];
+        flush_block(acc, blk, cols);
     }
-    for (int64_t j = 0; j < cols; j++) {
-        double s = 0.0;
-        for (int t = 0; t < nt; t++) s += part[(size_t)t * (size_t)cols + j];
-        gb[j] = (float)s;
-    }
+    reduce_threads(part, nt, (size_t)cols, cols, gb);
     free(part);
     free(blocks);
     return 0;
@@ -143,18 +156,13 @@ CLONES int column_stats(const float *restrict z, int64_t rows, int64_t cols, dou
                 b2[j] += zr[j] * zr[j];
             }
             if (++n == 64) {
-                for (int64_t j = 0; j < cols; j++) {
-                    s1[j] += b1[j];
-                    s2[j] += b2[j];
-                    b1[j] = b2[j] = 0.0f;
-                }
+                flush_block(s1, b1, cols);
+                flush_block(s2, b2, cols);
                 n = 0;
             }
         }
-        for (int64_t j = 0; j < cols; j++) {
-            s1[j] += b1[j];
-            s2[j] += b2[j];
-        }
+        flush_block(s1, b1, cols);
+        flush_block(s2, b2, cols);
     }
     for (int64_t j = 0; j < cols; j++) {
         double a = 0.0, q = 0.0;
@@ -193,12 +201,7 @@ CLONES void affine_relu_dropout_forward(const float *restrict z, float *restrict
                                         const float *restrict c, const uint8_t *restrict bits, int64_t row_bytes,
                                         int k, uint32_t thr, float scale, int64_t rows, int64_t cols) {
     float lut[256][8] __attribute__((aligned(32)));
-    if (k <= 8) {
-        const uint32_t mask = (1u << k) - 1;
-        for (int v = 0; v < 256; v++)
-            for (int t = 0; t < 8; t++)
-                lut[v][t] = (t < 8 / k && ((v >> (t * k)) & mask) >= thr) ? scale : 0.0f;
-    }
+    if (k <= 8) dropout_lut(lut, k, thr, scale);
 #pragma omp parallel for schedule(static)
     for (int64_t r = 0; r < rows; r++) {
         const float *restrict zr = z + r * cols;
@@ -276,18 +279,13 @@ CLONES int bn_relu_dropout_backward(float *restrict dz, const float *restrict gy
             const float *restrict gr = gy + r * cols, *restrict yr = y + r * cols, *restrict zr = z + r * cols;
             bn_backward_row1(o, gr, yr, zr, mu, is, sc, b1, b2, cols);
             if (++n == 64) {
-                for (int64_t j = 0; j < cols; j++) {
-                    s1[j] += b1[j];
-                    s2[j] += b2[j];
-                    b1[j] = b2[j] = 0.0f;
-                }
+                flush_block(s1, b1, cols);
+                flush_block(s2, b2, cols);
                 n = 0;
             }
         }
-        for (int64_t j = 0; j < cols; j++) {
-            s1[j] += b1[j];
-            s2[j] += b2[j];
-        }
+        flush_block(s1, b1, cols);
+        flush_block(s2, b2, cols);
 #pragma omp barrier
 #pragma omp single
         {
@@ -317,20 +315,13 @@ CLONES int bn_relu_dropout_backward(float *restrict dz, const float *restrict gy
             const float *restrict zr = z + r * cols;
             bn_backward_row2(o, zr, mu, is, k0, k1, k2, blk, cols);
             if (++n == 64) {
-                for (int64_t j = 0; j < cols; j++) {
-                    acc[j] += blk[j];
-                    blk[j] = 0.0f;
-                }
+                flush_block(acc, blk, cols);
                 n = 0;
             }
         }
-        for (int64_t j = 0; j < cols; j++) acc[j] += blk[j];
+        flush_block(acc, blk, cols);
     }
-    for (int64_t j = 0; j < cols; j++) {
-        double s = 0.0;
-        for (int t = 0; t < nt; t++) s += part[(size_t)t * (size_t)cols + j];
-        gb[j] = (float)s;
-    }
+    reduce_threads(part, nt, (size_t)cols, cols, gb);
     free(part);
     free(blocks);
     free(coef);
