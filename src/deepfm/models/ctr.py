@@ -103,7 +103,7 @@ class CTRModel(nn.Module):
         if self.v is not None and self.v.fusable(idx, val):  # CPU: the same terms, C kernels
             want = self.cfg.embedding_l2 > 0 and self.training and torch.is_grad_enabled()
             e, y_fm, y_first, pen = self.v.fused(idx, val, self.use_fm, self.w, penalty=want)
-            if pen is not None and set(self.tables()) == {"w", "v"} - ({"w"} if self.w is None else set()):
+            if pen is not None and set(self.tables()) == {n for n in ("w", "v") if getattr(self, n) is not None}:
                 self._penalty = (idx, pen)  # embedding_penalty(idx) returns it: no second gather
             for y in (y_first, y_fm):
                 if y is not None:

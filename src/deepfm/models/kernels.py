@@ -248,11 +248,11 @@ def _ptr(t: torch.Tensor | None) -> int | None:
 
 
 def embed_forward(v: torch.Tensor, w: torch.Tensor | None, rows: torch.Tensor, val: torch.Tensor,
-                  slot_field: torch.Tensor, n_fields: int, fm: bool, first: bool, penalty: bool = False
+                  slot_field: torch.Tensor, n_fields: int, fm: bool, penalty: bool = False
                   ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None, torch.Tensor | None]:
     """One pass for DeepFM's field terms: (e [B, F, K], fm [B] or None, first [B] or None, penalty [] or
     None), with e[b, f] = sum of v[rows[b, s]] * val[b, s] over the slots s of field f, fm the FM
-    second-order term over e (paper eq. 2), first = sum_s w[rows[b, s]] * val[b, s] (needs ``w`` [R, 1]) and
+    second-order term over e (paper eq. 2), first = sum_s w[rows[b, s]] * val[b, s] (when ``w`` [R, 1] is given) and
     penalty the sum of squares of the rows used, per use, in v and w (``CTRModel.embedding_penalty`` times
     B). v [R, K] float32, rows [B, S] int64 (< R), val [B, S] float32, slot_field [S] int32 (< n_fields)."""
     R, K = v.shape
@@ -261,8 +261,6 @@ def embed_forward(v: torch.Tensor, w: torch.Tensor | None, rows: torch.Tensor, v
     _check(val, (B, S))
     if w is not None:
         _check(w, (R, 1))
-    if first and w is None:
-        raise ValueError("the first-order term needs the table w")
     if (rows.dtype != torch.int64 or not rows.is_contiguous() or slot_field.dtype != torch.int32
             or tuple(slot_field.shape) != (S,) or not slot_field.is_contiguous()):
         raise ValueError("rows must be contiguous int64 [B, S] and slot_field contiguous int32 [S]")
@@ -270,7 +268,7 @@ def embed_forward(v: torch.Tensor, w: torch.Tensor | None, rows: torch.Tensor, v
         raise ValueError(f"a batch of {B} x {S} slots is too large for the kernels' int32 positions")
     e = v.new_empty(B, n_fields, K)
     y_fm = v.new_empty(B) if fm else None
-    y_first = v.new_empty(B) if first else None
+    y_first = v.new_empty(B) if w is not None else None
     sq = v.new_empty(B) if penalty else None
     library().embed_forward(v.data_ptr(), K, _ptr(w), rows.data_ptr(), val.data_ptr(), slot_field.data_ptr(), B, S,
                             n_fields, e.data_ptr(), _ptr(y_fm), _ptr(y_first), _ptr(sq))

@@ -101,8 +101,7 @@ class _FieldEmbed(torch.autograd.Function):
     @staticmethod
     def forward(ctx, v: torch.Tensor, w: torch.Tensor | None, rows: torch.Tensor, val: torch.Tensor,  # type: ignore[override]
                 slot_field: torch.Tensor, n_fields: int, fm: bool, penalty: bool):
-        e, y_fm, y_first, pen = kernels.embed_forward(v, w, rows, val, slot_field, n_fields, fm, w is not None,
-                                                      penalty)
+        e, y_fm, y_first, pen = kernels.embed_forward(v, w, rows, val, slot_field, n_fields, fm, penalty)
         ctx.save_for_backward(e, rows, val, slot_field, v, w)
         ctx.set_materialize_grads(False)  # an unused output's gradient stays None: the kernel skips it
         return e, y_fm, y_first, pen
