@@ -100,9 +100,29 @@ class _Commands(click.Group):
 
     lazy = {"compare": "deepfm.compare:compare_command", "explain": "deepfm.explain:explain_command",
             "tune": "deepfm.tune:tune_command"}
+    # What `deepfm --help` lists for them: importing the modules for their docstrings would import torch
+    # (seconds). tests/test_cli_help.py checks these against the commands' own help.
+    lazy_help = {"compare": "Compare models as in the DeepFM paper's Table 2: every model on the same splits.",
+                 "explain": "Interaction map and field importance of a bundle on DATA.",
+                 "tune": "Search DeepFM's hyper-parameters with Optuna (TPE, median pruning)."}
 
     def list_commands(self, ctx: click.Context) -> list[str]:
         return sorted({*super().list_commands(ctx), *self.lazy})
+
+    def format_commands(self, ctx: click.Context, formatter: click.HelpFormatter) -> None:
+        names = self.list_commands(ctx)
+        limit = formatter.width - 6 - max(map(len, names))  # as click's own listing
+        rows = []
+        for name in names:
+            if name in self.lazy and name not in self.commands:
+                rows.append((name, click.utils.make_default_short_help(self.lazy_help[name], limit)))
+                continue
+            cmd = self.get_command(ctx, name)
+            if cmd is not None and not cmd.hidden:
+                rows.append((name, cmd.get_short_help_str(limit)))
+        if rows:
+            with formatter.section("Commands"):
+                formatter.write_dl(rows)
 
     def get_command(self, ctx: click.Context, name: str) -> click.Command | None:
         if name in self.lazy and name not in self.commands:
