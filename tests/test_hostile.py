@@ -483,6 +483,10 @@ SCHEMA_CASES = [  # (id, file name, bytes, the message holds these; None = loads
     ("yaml-tab-indent", "s.yaml", b"fields:\n\t- a\n", ("not valid YAML",)),
     ("yaml-python-object-tag", "s.yaml", b"fields: !!python/object/apply:os.system [ls]\n", ("not valid YAML",)),
     ("yaml-nul-byte", "s.yaml", b"fields: [a\x00]\n", ("not valid YAML",)),
+    ("yaml-alias", "s.yaml", b"label: &y y\nfields: [*y]\n", ("not valid YAML", "aliases (*name) are not allowed")),
+    ("yaml-merge-key-alias", "s.yaml", b"b: &b {kind: numeric}\nfields:\n  - {<<: *b, name: x}\n", ("aliases",)),
+    ("yaml-billion-laughs", "s.yaml", b"fields:\n  - name:\n    - &l0 [lol, lol, lol, lol, lol, lol, lol, lol, lol]\n"
+     + b"".join(b"    - &l%d [%s]\n" % (i, b",".join([b"*l%d" % (i - 1)] * 9)) for i in range(1, 9)), ("aliases",)),
     ("json-trailing-comma", "s.json", b'{"fields": ["a",]}', ("not valid JSON",)),
     ("json-nested-too-deeply", "s.json", b"[" * 100_000, ("nested too deeply",)),
     ("invalid-utf8", "s.yaml", b"fields: [\xff]\n", ("not UTF-8",)),

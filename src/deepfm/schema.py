@@ -18,6 +18,7 @@ vector. Unseen or rare values map to the field's OOV index.
 from __future__ import annotations
 
 import json
+import reprlib
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
@@ -34,6 +35,39 @@ POOLINGS = ("mean", "sum")
 OOV = 0
 MISSING = 1
 N_RESERVED = 2
+
+MAX_SCHEMA_BYTES = 4 << 20  # a schema of 10,000 fields is about 0.5 MB
+_SHORT = reprlib.Repr()
+_SHORT.maxstring = _SHORT.maxother = 120
+_SHORT.maxlist = _SHORT.maxdict = _SHORT.maxtuple = _SHORT.maxset = 8
+_SHORT.maxlevel = 3
+
+
+def short(value: Any, limit: int = 200) -> str:
+    """A bounded ``repr`` for messages: never the whole of a (possibly huge) value, at most ``limit``
+    characters, built without first writing the full repr."""
+    text = _SHORT.repr(value)
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+class NoAliasLoader(yaml.SafeLoader):
+    """PyYAML's SafeLoader without aliases (``*name``): a few nested aliases expand a 500-byte file into
+    gigabytes ("billion laughs"), and a schema never needs them. Refused as the parser meets the first."""
+
+    def compose_node(self, parent: Any, index: Any) -> Any:
+        if self.check_event(yaml.AliasEvent):
+            raise yaml.composer.ComposerError(
+                None, None, "YAML aliases (*name) are not allowed; write the values out",
+                self.peek_event().start_mark)
+        return super().compose_node(parent, index)
+
+
+def yaml_problem(e: yaml.YAMLError) -> str:
+    """One short line for a YAML error: what and where (PyYAML's own text spans lines and quotes input)."""
+    mark = getattr(e, "problem_mark", None)
+    what = " ".join(str(x) for x in (getattr(e, "context", None), getattr(e, "problem", None)) if x) or str(e)
+    where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
+    return (what if len(what) <= 300 else what[:297] + "...") + where
 
 
 @dataclass(frozen=True)
@@ -132,39 +166,40 @@ def validate(schema: Schema) -> None:
         raise SchemaError("schema has no fields: declare at least one field under 'fields'")
     seen: set[str] = set()
     for i, f in enumerate(schema.fields):
-        where = f"fields[{i}] ({f.name!r})"
+        where = f"fields[{i}] ({short(f.name)})"
         if not isinstance(f.name, str) or not f.name:
             raise SchemaError(f"fields[{i}]: 'name' must be a non-empty string")
         if f.name in seen:
-            raise SchemaError(f"{where}: duplicated field name {f.name!r}; field names must be unique")
+            raise SchemaError(f"{where}: duplicated field name {short(f.name)}; field names must be unique")
         seen.add(f.name)
         if f.column is not None and (not isinstance(f.column, str) or not f.column):
-            raise SchemaError(f"{where}: 'column' must be a non-empty string (the source column), got {f.column!r}")
+            raise SchemaError(f"{where}: 'column' must be a non-empty string (the source column), got "
+                              f"{short(f.column)}")
         if f.name == schema.label or f.source == schema.label:
-            raise SchemaError(f"{where}: the label column {schema.label!r} cannot also be a feature")
+            raise SchemaError(f"{where}: the label column {short(schema.label)} cannot also be a feature")
         if f.kind not in KINDS:
-            raise SchemaError(f"{where}: unknown kind {f.kind!r} (expected one of {', '.join(KINDS)})")
+            raise SchemaError(f"{where}: unknown kind {short(f.kind)} (expected one of {', '.join(KINDS)})")
         if f.transform not in TRANSFORMS:
             raise SchemaError(
-                f"{where}: unknown transform {f.transform!r} (expected one of {', '.join(TRANSFORMS)})"
+                f"{where}: unknown transform {short(f.transform)} (expected one of {', '.join(TRANSFORMS)})"
             )
         if f.transform != "none" and f.kind != "numeric":
-            raise SchemaError(f"{where}: transform {f.transform!r} only applies to numeric fields")
+            raise SchemaError(f"{where}: transform {short(f.transform)} only applies to numeric fields")
         if f.kind == "numeric" and f.hash_buckets is not None:
             raise SchemaError(f"{where}: hash_buckets does not apply to numeric fields")
         if not isinstance(f.min_count, int) or isinstance(f.min_count, bool) or f.min_count < 1:
-            raise SchemaError(f"{where}: min_count must be an integer >= 1, got {f.min_count!r}")
+            raise SchemaError(f"{where}: min_count must be an integer >= 1, got {short(f.min_count)}")
         if f.hash_buckets is not None and (
             not isinstance(f.hash_buckets, int) or isinstance(f.hash_buckets, bool) or f.hash_buckets < 1
         ):
-            raise SchemaError(f"{where}: hash_buckets must be a positive integer, got {f.hash_buckets!r}")
+            raise SchemaError(f"{where}: hash_buckets must be a positive integer, got {short(f.hash_buckets)}")
         if f.kind == "multi":
             if not isinstance(f.sep, str) or not f.sep:
                 raise SchemaError(f"{where}: 'sep' must be a non-empty string")
             if not isinstance(f.max_len, int) or isinstance(f.max_len, bool) or f.max_len < 1:
-                raise SchemaError(f"{where}: max_len must be an integer >= 1, got {f.max_len!r}")
+                raise SchemaError(f"{where}: max_len must be an integer >= 1, got {short(f.max_len)}")
             if f.pooling not in POOLINGS:
-                raise SchemaError(f"{where}: unknown pooling {f.pooling!r} (expected mean or sum)")
+                raise SchemaError(f"{where}: unknown pooling {short(f.pooling)} (expected mean or sum)")
 
 
 def from_dict(data: Any, source: str = "schema") -> Schema:
@@ -173,7 +208,7 @@ def from_dict(data: Any, source: str = "schema") -> Schema:
         raise SchemaError(f"{source}: expected a mapping with 'label' and 'fields', got {type(data).__name__}")
     unknown = set(data) - {"label", "fields", "negative_label", "defaults", "format"}
     if unknown:
-        raise SchemaError(f"{source}: unknown top-level key(s) {sorted(unknown, key=str)}")
+        raise SchemaError(f"{source}: unknown top-level key(s) {short(sorted(unknown, key=str))}")
     raw_fields = data.get("fields")
     if not isinstance(raw_fields, list):
         raise SchemaError(f"{source}: 'fields' must be a list of field mappings")
@@ -189,7 +224,7 @@ def from_dict(data: Any, source: str = "schema") -> Schema:
         bad = set(raw) - _FIELD_KEYS
         if bad:
             raise SchemaError(
-                f"{source}: fields[{i}] ({raw.get('name')!r}): unknown option(s) {sorted(bad, key=str)}; "
+                f"{source}: fields[{i}] ({short(raw.get('name'))}): unknown option(s) {short(sorted(bad, key=str))}; "
                 f"allowed: {sorted(_FIELD_KEYS)}"
             )
         if "name" not in raw:
@@ -203,7 +238,7 @@ def from_dict(data: Any, source: str = "schema") -> Schema:
         raise SchemaError(f"{source}: 'label' must be a column name")
     neg = data.get("negative_label", 0)
     if neg not in (0, -1):
-        raise SchemaError(f"{source}: negative_label must be 0 or -1, got {neg!r}")
+        raise SchemaError(f"{source}: negative_label must be 0 or -1, got {short(neg)}")
     try:
         return Schema(fields=tuple(out), label=label, negative_label=neg, meta={"format": data.get("format")})
     except SchemaError as e:
@@ -214,6 +249,8 @@ def load(path: str | Path) -> Schema:
     """Load a schema from a .yaml/.yml/.json file (UTF-8; a leading byte-order mark is allowed)."""
     path = Path(path)
     try:
+        if path.is_file() and path.stat().st_size > MAX_SCHEMA_BYTES:
+            raise SchemaError(f"{path}: larger than {MAX_SCHEMA_BYTES >> 20} MB; is this a schema file?")
         text = path.read_bytes().decode("utf-8-sig")
     except OSError as e:
         raise SchemaError(f"cannot read schema file {path}: {e.strerror}") from None
@@ -221,9 +258,11 @@ def load(path: str | Path) -> Schema:
         raise SchemaError(f"{path}: not UTF-8 text (byte {e.start}); save the schema file as UTF-8") from None
     kind = "JSON" if path.suffix == ".json" else "YAML"
     try:
-        data = json.loads(text) if path.suffix == ".json" else yaml.safe_load(text)
-    except (json.JSONDecodeError, yaml.YAMLError) as e:
+        data = json.loads(text) if path.suffix == ".json" else yaml.load(text, Loader=NoAliasLoader)
+    except json.JSONDecodeError as e:
         raise SchemaError(f"{path}: not valid {kind}: {e}") from None
+    except yaml.YAMLError as e:
+        raise SchemaError(f"{path}: not valid {kind}: {yaml_problem(e)}") from None
     except RecursionError:
         raise SchemaError(f"{path}: not valid {kind}: nested too deeply") from None
     if data is None:

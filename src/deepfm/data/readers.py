@@ -24,10 +24,10 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.csv as pv
 
+from deepfm.data.numbers import NUMBER_RE, NUMERIC_RE, SPACE  # noqa: F401 (NUMERIC_RE: re-exported)
 from deepfm.errors import DataError
 from deepfm.schema import Field, Schema
 
-NUMERIC_RE = r"^\s*[+-]?(\d+\.?\d*|\.\d+)([eE][+-]?\d+)?\s*$"
 MAX_EXAMPLES = 5
 MAX_FIRST_LINE = 16 << 20  # bytes: a longer first line is not a text file of these formats
 
@@ -410,9 +410,9 @@ class Validator:
 
     def _number_slow(self, arr: pa.Array, name: str) -> pa.Array:
         """Trim, regex-check and cast text to float64, flagging what is not a number."""
-        s = pc.utf8_trim_whitespace(arr)
+        s = pc.utf8_trim(arr, SPACE)  # ASCII spaces only, as serve.records (data.numbers)
         arr = pc.if_else(pc.equal(s, ""), pa.scalar(None, pa.string()), s)
-        ok = pc.fill_null(pc.match_substring_regex(arr, NUMERIC_RE), True).to_numpy(zero_copy_only=False)
+        ok = pc.fill_null(pc.match_substring_regex(arr, NUMBER_RE), True).to_numpy(zero_copy_only=False)
         if not ok.all():
             shown = arr
             self.flag(~ok, name, lambda r: f"not a number: {str(shown[r].as_py())[:40]!r}")
@@ -500,6 +500,8 @@ def typed_columns(
             return d.label(arr, source, negatives), d
         if f.kind == "numeric":
             return d.number(arr, f.name), d
+        if f.kind == "multi" and (pa.types.is_list(arr.type) or pa.types.is_large_list(arr.type)):
+            arr = _join_lists(arr, f)  # a list column (pandas lists, Arrow lists) of a multi-valued field
         t = d.text(arr, f.name)
         empty = _empty_strings(t)
         return (t if empty is None else pc.if_else(pa.array(empty), pa.scalar(None, t.type), t)), d
@@ -511,6 +513,16 @@ def typed_columns(
     label = done[-1][0] if jobs and jobs[-1][1] is None else None
     cols = {source: out for (source, f), (out, _) in zip(jobs, done, strict=True) if f is not None}
     return v.finish(cols, label)
+
+
+def _join_lists(arr: pa.Array, f: Field) -> pa.Array:
+    """A list column -> one string per row joined with the field's separator, which the multi-value path
+    then splits again; an empty list is missing, like an empty string."""
+    try:
+        strings = pc.cast(arr, pa.list_(pa.string()))
+    except (pa.ArrowInvalid, pa.ArrowNotImplementedError) as e:
+        raise DataError(f"a list column of type {arr.type} cannot be read as values: {e}", field=f.name) from None
+    return pc.binary_join(strings, f.sep)
 
 
 # --------------------------------------------------------------------------- formats
@@ -652,10 +664,12 @@ def _read_atomic(path: Path, on_bad_rows: str, bad: BadRows) -> tuple[pa.Table, 
     return read_delimited(path, names, "\t", True, on_bad_rows, bad)
 
 
-def read_movielens(path: Path, schema: Schema | None, on_bad_rows: str, bad: BadRows) -> ReadResult:
+def read_movielens(path: Path, schema: Schema | None, on_bad_rows: str, bad: BadRows,
+                   label_rules: bool = True) -> ReadResult:
     """RecBole atomic files: ``X.inter`` joined with ``X.user`` and ``X.item`` found next to it.
 
-    label = rating >= 4; rows rated exactly 3 are dropped (as RecBole's CTR setting does).
+    label = rating >= 4; rows rated exactly 3 are dropped (as RecBole's CTR setting does). That is a label
+    rule: with ``label_rules=False`` (scoring) the rating is not read and every row is kept.
     """
     if path.is_dir():
         inters = sorted(path.glob("*.inter"))
@@ -667,7 +681,8 @@ def read_movielens(path: Path, schema: Schema | None, on_bad_rows: str, bad: Bad
     _require(path, ["user_id", "item_id"], inter.column_names)
     v = Validator(path, lines, on_bad_rows, bad, pending)
     v.blank(inter)
-    rating = v.number(inter.column("rating").combine_chunks(), "rating") if "rating" in inter.column_names else None
+    rating = (v.number(inter.column("rating").combine_chunks(), "rating")
+              if label_rules and "rating" in inter.column_names else None)
     cols = {c: v.text(inter.column(c).combine_chunks(), c) for c in ("user_id", "item_id")}
     keep = np.ones(inter.num_rows, dtype=bool)
     if rating is not None:
@@ -791,16 +806,18 @@ def plan(path: Path, fmt: str, schema: Schema | None) -> Plan:
 
 
 def read(
-    path: str | Path, fmt: str, schema: Schema | None = None, on_bad_rows: str = "error"
+    path: str | Path, fmt: str, schema: Schema | None = None, on_bad_rows: str = "error", label_rules: bool = True
 ) -> ReadResult:
     """Read ``path`` in format ``fmt``. ``schema`` defaults to the format's own schema.
 
     on_bad_rows: ``error`` (raise DataError at the first bad row) or ``skip`` (drop and count them).
+    label_rules: apply the format's rules that derive labels and drop rows without one (movielens: rating 3);
+    False where labels are not used (prediction scores every input row).
     """
     path = _check(path, fmt, on_bad_rows)
     bad = BadRows()
     if fmt == "movielens":
-        return read_movielens(path, schema, on_bad_rows, bad)
+        return read_movielens(path, schema, on_bad_rows, bad, label_rules)
     if fmt == "parquet":
         schema = _need_schema(path, schema, fmt)
         pf, wanted = _parquet(path, schema)
@@ -827,18 +844,19 @@ def read(
 def iter_read(
     path: str | Path, fmt: str, schema: Schema | None = None, on_bad_rows: str = "error",
     block_bytes: int = 16 << 20, block_rows: int = 131072, columns: list[str] | None = None,
+    label_rules: bool = True,
 ) -> Iterator[ReadResult]:
     """``read`` in consecutive blocks (about ``block_bytes`` of text or ``block_rows`` Parquet rows), for
     files larger than memory. Each block's ``skipped`` is the running total for the file; line numbers in
     errors are the file's. ``columns``: raw columns to pass through in ``ReadResult.extra`` (e.g. an id).
-    movielens (a join of three files) is read whole, as one block."""
+    movielens (a join of three files) is read whole, as one block. ``label_rules``: as in ``read``."""
     path = _check(path, fmt, on_bad_rows)
     bad = BadRows()
     columns = list(columns or [])
     if fmt == "movielens":
         if columns:
             raise DataError("passthrough columns are not available for --format movielens", path=str(path))
-        yield read_movielens(path, schema, on_bad_rows, bad)
+        yield read_movielens(path, schema, on_bad_rows, bad, label_rules)
         return
     if fmt == "parquet":
         schema = _need_schema(path, schema, fmt)

@@ -13,20 +13,41 @@ from pathlib import Path
 
 import numpy as np
 import torch
+import xxhash
 
 from deepfm.data.preprocess import Encoded, Preprocessor
+from deepfm.errors import DataError
 from deepfm.schema import MISSING
 
 STORE_VERSION = 1
 
 
+HASH_CHUNK = 4 << 20  # bytes read per hash update
+
+
+def content_hash(path: Path) -> str:
+    """xxh3-128 of every byte of a file. A full hash, not sampled blocks: a rewrite that changes only the
+    labels (same size, and the same mtime after ``cp -p``, ``rsync -t`` or ``tar x``) must miss the cache.
+    Measured at 5-8 GB/s on 2 EPYC cores, ~0.4% of reading and encoding the same file (docs/reliability.md)."""
+    h = xxhash.xxh3_128()
+    buf = bytearray(HASH_CHUNK)
+    view = memoryview(buf)
+    with open(path, "rb", buffering=0) as fh:
+        while n := fh.readinto(buf):
+            h.update(view[:n])
+    return h.hexdigest()
+
+
 def file_identity(path: str | Path) -> dict:
-    """What a cache key knows of a file: its real path, size and modification time (like make)."""
+    """What a cache key knows of a file: its real path, size and content hash (a folder: each file's).
+    Not the mtime: copies that keep it would otherwise reuse a stale encoding, and the hash subsumes it."""
     p = Path(path).resolve()
-    st = p.stat()
-    if p.is_dir():
-        return {"path": str(p), "files": [file_identity(c) for c in sorted(p.iterdir()) if c.is_file()]}
-    return {"path": str(p), "size": st.st_size, "mtime_ns": st.st_mtime_ns}
+    try:
+        if p.is_dir():
+            return {"path": str(p), "files": [file_identity(c) for c in sorted(p.iterdir()) if c.is_file()]}
+        return {"path": str(p), "size": p.stat().st_size, "xxh3_128": content_hash(p)}
+    except OSError as e:
+        raise DataError(f"cannot read file: {e.strerror or e}", path=str(path)) from None
 
 
 def cache_key(*parts: object) -> str:

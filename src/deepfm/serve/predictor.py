@@ -113,19 +113,20 @@ class Predictor:
         return fmt
 
     def iter_file(self, path: str | Path, fmt: str | None = None, on_bad_rows: str = "error",
-                  columns: list[str] | None = None, block_bytes: int = 16 << 20
+                  columns: list[str] | None = None, block_bytes: int = 16 << 20, label_rules: bool = False
                   ) -> Iterator[tuple[np.ndarray, readers.ReadResult]]:
         """Score a file block by block: yields (probabilities float64 [n], the block's ReadResult, whose
-        ``extra`` holds the passthrough ``columns``). Memory is bounded by the block size."""
+        ``extra`` holds the passthrough ``columns``). Memory is bounded by the block size. Every input row is
+        scored unless ``label_rules`` (for evaluation: e.g. movielens drops the rows rated 3)."""
         fmt = self.read_format(path, fmt)
         for block in readers.iter_read(path, fmt, self.pre.schema, on_bad_rows, block_bytes=block_bytes,
-                                       columns=columns):
+                                       columns=columns, label_rules=label_rules):
             yield self.predict_result(block), block
 
     def predict_file(self, path: str | Path, fmt: str | None = None, on_bad_rows: str = "error") -> Scored:
         """Score a whole file (streamed in blocks); returns probabilities, labels and skipped rows."""
         probs, labels, skipped = [], [], readers.BadRows()
-        for p, block in self.iter_file(path, fmt, on_bad_rows):
+        for p, block in self.iter_file(path, fmt, on_bad_rows, label_rules=True):  # labels are used
             probs.append(p)
             labels.append(block.label)
             skipped = block.skipped
