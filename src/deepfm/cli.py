@@ -10,10 +10,38 @@ from typing import Any
 
 import click
 
+from deepfm import outputs
 from deepfm.config import MODEL_NAMES
 from deepfm.errors import DeepFMError
 
 FORMATS = ("criteo", "avazu", "libfm", "movielens", "csv", "tsv", "parquet")
+
+
+class FiniteFloat(click.FloatRange):
+    """A FloatRange that also refuses nan and inf (which pass every range comparison)."""
+
+    name = "number"
+
+    def convert(self, value: Any, param: click.Parameter | None, ctx: click.Context | None) -> Any:
+        import math
+
+        rv = click.FLOAT.convert(value, param, ctx)
+        if not math.isfinite(rv):
+            self.fail(f"{value!r} is not a finite number.", param, ctx)
+        return super().convert(rv, param, ctx)
+
+
+class BatchSize(click.ParamType):
+    """--batch-size: a positive integer or 'auto'."""
+
+    name = "INTEGER|auto"
+
+    def convert(self, value: Any, param: click.Parameter | None, ctx: click.Context | None) -> Any:
+        if value == "auto" or (isinstance(value, int) and not isinstance(value, bool) and value >= 1):
+            return value
+        if isinstance(value, str) and value.strip().isdigit() and int(value) >= 1:
+            return int(value)
+        self.fail(f"{value!r} is not a positive integer or 'auto'.", param, ctx)
 
 
 def friendly(fn):
@@ -24,6 +52,9 @@ def friendly(fn):
         except DeepFMError as e:
             click.echo(f"error: {e}", err=True)
             sys.exit(2)
+        except KeyboardInterrupt:  # Ctrl-C: partial outputs were dropped on the way out (deepfm.outputs)
+            click.echo("interrupted", err=True)
+            sys.exit(130)
 
     return wrapper
 
@@ -47,8 +78,9 @@ def input_options(fn):
 def loading_options(fn):
     """--threads, --min-count, --on-bad-rows, --cache-dir, --no-cache: shared by train, compare and tune."""
     for opt in reversed([
-        click.option("--threads", type=int, help="Intra-op CPU threads (default: the cores this process may use)."),
-        click.option("--min-count", type=int, help="Override every field's min_count."),
+        click.option("--threads", type=click.IntRange(min=0),
+                     help="Intra-op CPU threads (default: the cores this process may use)."),
+        click.option("--min-count", type=click.IntRange(min=1), help="Override every field's min_count."),
         click.option("--on-bad-rows", type=click.Choice(["error", "skip"]), default="error", show_default=True),
         click.option("--cache-dir", type=click.Path(),
                      help="Encoded-store cache (default ~/.cache/deepfm, $DEEPFM_CACHE)."),
@@ -67,7 +99,7 @@ def input_format(fmt: str | None, schema_path: str | None, train_path: str) -> s
 
 def batch_size_option(batch_size: str | None) -> int | str | None:
     """--batch-size: a positive integer, 'auto', or None (the preset's)."""
-    if batch_size is None or batch_size == "auto":
+    if batch_size is None or batch_size == "auto" or isinstance(batch_size, int):
         return batch_size
     if not batch_size.isdigit():
         raise DeepFMError(f"--batch-size must be a positive integer or 'auto', got {batch_size!r}")
@@ -135,6 +167,25 @@ class _Commands(click.Group):
                 return None
         return super().get_command(ctx, name)
 
+    def invoke(self, ctx: click.Context) -> Any:
+        """Every user mistake ends as one ``error: ...`` line and exit status 2: a bad option value or usage
+        (click's three-line usage message), and any library error (DeepFMError and its subclasses in
+        deepfm.errors) that a command did not already turn into one."""
+        try:
+            return super().invoke(ctx)
+        except click.UsageError as e:
+            where = f" (see '{e.ctx.command_path} --help')" if e.ctx is not None else ""
+            raise _OneLine(e.format_message() + where) from None
+        except DeepFMError as e:
+            raise _OneLine(str(e)) from None
+
+
+class _OneLine(click.ClickException):
+    exit_code = 2
+
+    def show(self, file: Any = None) -> None:
+        click.echo(f"error: {self.format_message()}", err=True)
+
 
 @click.group(cls=_Commands, context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 110})
 @click.version_option(package_name="deepfm")
@@ -162,10 +213,13 @@ def main() -> None:
 @click.option("--preset", default="default", show_default=True, help="paper, bars, default, or a YAML file.")
 @click.option("--set", "overrides", multiple=True, metavar="SECTION.KEY=VALUE",
               help="Override a preset option, e.g. --set model.dropout=0.2 --set train.lr=0.0005.")
-@click.option("--epochs", type=int, help="Maximum epochs (early stopping on validation AUC).")
-@click.option("--batch-size", help="Rows per step, or 'auto' (about 100 steps per epoch, 128-4096).")
-@click.option("--lr", type=float)
-@click.option("--seed", type=int, help="Seed for the split, initialisation, shuffling and dropout.")
+@click.option("--epochs", type=click.IntRange(min=1),
+              help="Maximum epochs. Training stops earlier when the monitored validation metric (the preset's "
+                   "train.monitor: AUC - logloss in the default preset) gains nothing for train.patience "
+                   "validations; the best epoch's weights are kept.")
+@click.option("--batch-size", type=BatchSize(), help="Rows per step, or 'auto' (about 100 steps per epoch, 128-4096).")
+@click.option("--lr", type=FiniteFloat(min=0, min_open=True), help="Adam learning rate (the preset's: 0.001).")
+@click.option("--seed", type=click.IntRange(min=0), help="Seed for the split, initialisation, shuffling and dropout.")
 @click.option("--embedding-update", type=click.Choice(["dense", "sparse", "auto"]),
               help="dense: Adam over whole tables (the reference); sparse: lazy Adam on the rows each batch "
                    "touches (cost independent of the vocabulary); auto: sparse from 1M table rows up.")
@@ -187,10 +241,13 @@ def main() -> None:
 @click.option("--resume", is_flag=True, help="Continue from the newest checkpoint in --out (rerun the same command "
                                              "with --resume added); starts over when there is none.")
 @click.option("--quiet", is_flag=True, help="No progress bars.")
+@click.option("--force", is_flag=True, help="Replace --out even if it is a folder that is not a deepfm bundle "
+                                            "(its files are deleted).")
 @friendly
+@outputs.interruptible
 def train(fmt, train_path, valid_path, valid_fraction, test_path, schema_path, out, model, preset, overrides,
           epochs, batch_size, lr, seed, threads, embedding_update, precision, min_count, on_bad_rows, cache_dir,
-          no_cache, streaming, shard_rows, init_from, nproc, checkpoint_every, resume, quiet) -> None:
+          no_cache, streaming, shard_rows, init_from, nproc, checkpoint_every, resume, quiet, force) -> None:
     """Train a model and write a bundle.
 
     \b
@@ -202,6 +259,9 @@ def train(fmt, train_path, valid_path, valid_fraction, test_path, schema_path, o
     from deepfm import pipeline
     from deepfm.train import distributed as dist
 
+    # before any work: never replace a folder that is not ours, or that holds this run's data
+    outputs.check_dir_out(out, ("bundle", "train-run"), force=force,
+                          inputs=(train_path, valid_path, test_path, schema_path))
     if nproc > 1:  # hand over to torchrun, which runs this command (without --nproc) on every rank
         _torchrun(nproc)
     parent = None
@@ -245,7 +305,7 @@ def train(fmt, train_path, valid_path, valid_fraction, test_path, schema_path, o
                 else pipeline.encode_file(test_path, fmt, prep.pre, on_bad_rows))
     _, result = pipeline.train(prep, model_cfg, train_cfg, out, fmt, test, progress=not quiet,
                                extra_info={"preset": preset, "overrides": list(overrides)}, resume=resume,
-                               init_from=parent)
+                               init_from=parent, force=force)
     if not lead:
         return
     for split, m in result["metrics"].items():
@@ -315,12 +375,15 @@ def evaluate(bundle, data, fmt, on_bad_rows, as_json) -> None:
 @click.option("--on-bad-rows", type=click.Choice(["error", "skip"]), default="error", show_default=True)
 @click.option("--engine", type=click.Choice(["torch", "onnxruntime"]), default="torch", show_default=True,
               help="Run the model with torch, or export it to ONNX and run it with onnxruntime.")
-@click.option("--threads", type=int, default=0, help="Intra-op threads (default: the cores this process may use).")
-@click.option("--block-mb", type=click.FloatRange(min=0.001), default=16, show_default=True,
+@click.option("--threads", type=click.IntRange(min=0), default=0,
+              help="Intra-op threads (default: the cores this process may use).")
+@click.option("--block-mb", type=FiniteFloat(min=0.001, max=1024), default=16, show_default=True,
               help="Rows are read, scored and written in blocks of about this much input text.")
 @click.option("--quiet", is_flag=True, help="No progress bar.")
+@click.option("--force", is_flag=True, help="Overwrite --out even if it is not an earlier `deepfm predict` output.")
 @friendly
-def predict(bundle, data, out, fmt, id_column, on_bad_rows, engine, threads, block_mb, quiet) -> None:
+@outputs.interruptible
+def predict(bundle, data, out, fmt, id_column, on_bad_rows, engine, threads, block_mb, quiet, force) -> None:
     """Score raw rows: write one click probability per row (streamed: memory stays bounded for input
     larger than RAM; the output appears only when complete).
 
@@ -335,59 +398,91 @@ def predict(bundle, data, out, fmt, id_column, on_bad_rows, engine, threads, blo
 
     from deepfm.serve.predictor import Predictor
 
+    writer = _BlockWriter(Path(out), force, inputs=(data,))  # checks --out before the model loads
     pred = Predictor(bundle, threads=threads, engine=engine)
     columns = [id_column] if id_column else None
-    writer = _BlockWriter(Path(out))
     n, skipped = 0, None
-    bar = tqdm(unit=" rows", unit_scale=True, desc="scoring", disable=quiet, file=sys.stderr)
-    try:
-        blocks = pred.iter_file(data, fmt, on_bad_rows, columns=columns, block_bytes=int(block_mb * (1 << 20)))
-        for p, block in blocks:
-            cols: dict[str, Any] = {c: block.extra[c] for c in columns or []}
-            cols["probability"] = pa.array(p)
-            writer.write(pa.table(cols))
-            n += len(p)
-            skipped = block.skipped
-            bar.update(len(p))
-        writer.close()
-    except BaseException:
-        writer.abort()
-        raise
-    finally:
-        bar.close()
+    with outputs.locked(out):  # a second predict to the same --out is refused, never interleaved
+        bar = tqdm(unit=" rows", unit_scale=True, desc="scoring", disable=quiet, file=sys.stderr)
+        try:
+            blocks = pred.iter_file(data, fmt, on_bad_rows, columns=columns, block_bytes=int(block_mb * (1 << 20)))
+            for p, block in blocks:
+                cols: dict[str, Any] = {c: block.extra[c] for c in columns or []}
+                cols["probability"] = pa.array(p)
+                writer.write(pa.table(cols))
+                n += len(p)
+                skipped = block.skipped
+                bar.update(len(p))
+            writer.close()
+        except BaseException:  # errors, Ctrl-C and SIGTERM (outputs.interruptible): no temporary file is left
+            writer.abort()
+            raise
+        finally:
+            bar.close()
     if skipped is not None and skipped.count:
         click.echo(skipped.summary(str(data)), err=True)
     click.echo(f"wrote {n:,} predictions to {out}")
 
 
 class _BlockWriter:
-    """Append tables to a .parquet/.csv/.tsv under a temporary name; ``close`` renames it into place,
-    ``abort`` removes it (a failed run never leaves a partial output)."""
+    """Append tables to a .parquet/.csv/.tsv under a unique temporary name beside ``out`` (created at the first
+    write); ``close`` renames it into place, ``abort`` removes it (a failed run never leaves a partial output).
+    An existing ``out`` is overwritten only if it is an earlier predict output (or with ``force``)."""
 
-    def __init__(self, out: Path) -> None:
+    MARK = {b"deepfm": b"predict"}  # Parquet schema metadata: what makes a file a predict output
+
+    def __init__(self, out: Path, force: bool = False, inputs: tuple = ()) -> None:
         if out.suffix not in (".parquet", ".csv", ".tsv"):
             raise DeepFMError(f"--out {out}: use a .parquet, .csv or .tsv file name")
-        out.parent.mkdir(parents=True, exist_ok=True)
-        self.out, self.tmp, self.writer = out, out.with_name(f".{out.name}.tmp"), None
+        outputs.check_file_out(out, self.ours, "predict output", force=force, inputs=inputs)
+        self.out, self.tmp, self.writer = out, None, None
+
+    @classmethod
+    def ours(cls, path: Path) -> bool:
+        """Parquet: our schema metadata; CSV/TSV: the header ends with the probability column."""
+        if path.suffix == ".parquet":
+            import pyarrow.parquet as pq
+
+            schema = pq.read_schema(path)
+            return (schema.metadata or {}).get(b"deepfm") == b"predict" or schema.names[-1:] == ["probability"]
+        with open(path, "rb") as fh:
+            head = fh.read(1 << 16).split(b"\n", 1)[0].rstrip(b"\r")
+        return head.split(b"\t" if path.suffix == ".tsv" else b",")[-1].strip(b'"') == b"probability"
 
     def write(self, table: Any) -> None:
+        import os
+        import tempfile
+
         import pyarrow.csv as pv
         import pyarrow.parquet as pq
 
-        if self.writer is None:
-            if self.out.suffix == ".parquet":
-                self.writer = pq.ParquetWriter(self.tmp, table.schema)
-            else:
-                opts = pv.WriteOptions(delimiter="\t" if self.out.suffix == ".tsv" else ",")
-                self.writer = pv.CSVWriter(self.tmp, table.schema, write_options=opts)
-        self.writer.write_table(table)
+        try:
+            if self.writer is None:
+                self.out.parent.mkdir(parents=True, exist_ok=True)
+                fd, name = tempfile.mkstemp(prefix=f".{self.out.name}.tmp-", dir=self.out.parent)
+                self.tmp = Path(name)
+                os.close(fd)
+                outputs.follow_umask(self.tmp, is_dir=False)  # mkstemp makes 0600
+                if self.out.suffix == ".parquet":
+                    self.writer = pq.ParquetWriter(self.tmp, table.schema.with_metadata(self.MARK))
+                else:
+                    opts = pv.WriteOptions(delimiter="\t" if self.out.suffix == ".tsv" else ",")
+                    self.writer = pv.CSVWriter(self.tmp, table.schema, write_options=opts)
+            self.writer.write_table(table)
+        except outputs.WRITE_ERRORS as e:
+            raise outputs.write_error(e, "the predictions", self.out) from None
 
     def close(self) -> None:
         import os
 
         if self.writer is not None:
-            self.writer.close()
-            os.replace(self.tmp, self.out)
+            try:
+                self.writer.close()
+                with open(self.tmp, "rb+") as fh:
+                    os.fsync(fh.fileno())
+                os.replace(self.tmp, self.out)
+            except outputs.WRITE_ERRORS as e:
+                raise outputs.write_error(e, "the predictions", self.out) from None
 
     def abort(self) -> None:
         import contextlib
@@ -396,8 +491,9 @@ class _BlockWriter:
         if self.writer is not None:
             with contextlib.suppress(Exception):
                 self.writer.close()
-        with contextlib.suppress(OSError):
-            os.unlink(self.tmp)
+        if self.tmp is not None:
+            with contextlib.suppress(OSError):
+                os.unlink(self.tmp)
 
 
 # ------------------------------------------------------------------------------------------- serve / export
@@ -405,7 +501,8 @@ class _BlockWriter:
 @click.argument("bundle", type=click.Path(exists=True, file_okay=False))
 @click.option("--host", default="127.0.0.1", show_default=True,
               help="Interface to bind; 127.0.0.1 serves this machine only (use 0.0.0.0 to expose it).")
-@click.option("--port", type=int, default=8000, show_default=True)
+@click.option("--port", type=click.IntRange(1, 65535), default=8000, show_default=True,
+              help="TCP port, 1-65535 (0, an ephemeral port, is refused: clients could not know it).")
 @click.option("--workers", type=int, default=0,
               help="Server processes, each with the model (default: one per available core, at most 4).")
 @click.option("--threads", type=int, default=0, help="Intra-op threads per worker (default: cores / workers).")
@@ -416,11 +513,32 @@ class _BlockWriter:
               help="Seconds a request may wait and compute before a 503.")
 @click.option("--admin-token", envvar="DEEPFM_ADMIN_TOKEN",
               help="Enables POST /admin/reload with 'Authorization: Bearer TOKEN' (default: $DEEPFM_ADMIN_TOKEN; "
-                   "off when unset). SIGHUP also reloads the bundle.")
+                   "off when unset). Prefer $DEEPFM_ADMIN_TOKEN or --admin-token-file: a command line is "
+                   "visible to every local user (/proc/PID/cmdline). SIGHUP also reloads the bundle.")
+@click.option("--admin-token-file", type=click.Path(exists=True, dir_okay=False),
+              help="Read the admin token from this file (its first line), e.g. one only you can read.")
+@click.option("--strict-fields", is_flag=True,
+              help="A row key the model does not read is a 422 (default: ignored, and listed in the answer's "
+                   "unknown_fields).")
+@click.option("--header-timeout", "header_timeout_s", type=FiniteFloat(min=0, min_open=True), default=10.0,
+              show_default=True, help="Seconds for a request line and headers to arrive (from the connection or "
+              "the request's first byte), else 408 and closed: a client trickling bytes cannot hold a connection.")
+@click.option("--body-timeout", "body_timeout_s", type=FiniteFloat(min=0, min_open=True), default=30.0,
+              show_default=True, help="Seconds for the whole body to arrive after the headers, else 408 and closed.")
+@click.option("--keep-alive", "keep_alive_s", type=FiniteFloat(min=0, min_open=True), default=5.0,
+              show_default=True, help="Seconds an idle connection stays open between requests.")
+@click.option("--max-header-kb", type=click.IntRange(min=1), default=64, show_default=True,
+              help="Request line and headers, in all (more: 431).")
+@click.option("--max-connections", type=click.IntRange(min=1), default=1000, show_default=True,
+              help="Open connections per worker (more: 503 and closed).")
+@click.option("--reload-timeout", "reload_timeout_s", type=FiniteFloat(min=0, min_open=True), default=120.0,
+              show_default=True, help="Seconds a reload may take to load a bundle, and (several workers) for "
+              "every worker to follow it; else it fails and every worker keeps (or goes back to) the old one.")
 @click.option("--log-level", default="info", show_default=True)
 @friendly
 def serve(bundle, host, port, workers, threads, engine, max_rows, max_body_mb, timeout_s, admin_token,
-          log_level) -> None:
+          admin_token_file, strict_fields, header_timeout_s, body_timeout_s, keep_alive_s, max_header_kb,
+          max_connections, reload_timeout_s, log_level) -> None:
     """Serve a bundle over HTTP: POST /v1/predict with raw feature values, get probabilities.
 
     \b
@@ -429,6 +547,8 @@ def serve(bundle, host, port, workers, threads, engine, max_rows, max_body_mb, t
       curl -s localhost:8000/v1/predict -H 'content-type: application/json' \\
            -d '{"rows": [{"I1": 3, "C1": "68fd1e64", "C2": "80e26c9b"}]}'
     Endpoints: /v1/predict, /healthz, /v1/metadata, /docs (OpenAPI), /admin/reload (with --admin-token).
+    A key left out of a row is a missing value; keys the model does not read are listed in the answer.
+    With several workers, /admin/reload (and SIGHUP) reach every worker; /healthz names each one's version.
     """
     from deepfm.serve.bundle import load
     from deepfm.serve.server import ServeConfig
@@ -439,10 +559,23 @@ def serve(bundle, host, port, workers, threads, engine, max_rows, max_body_mb, t
         raise DeepFMError("--workers, --threads, --max-rows, --max-body-mb and --timeout must be positive")
     workers = workers or min(4, available_cores())
     threads = threads or max(1, available_cores() // workers)
+    if admin_token_file:
+        if admin_token:
+            raise DeepFMError("give the admin token once: --admin-token (or $DEEPFM_ADMIN_TOKEN) or "
+                              "--admin-token-file")
+        try:
+            admin_token = Path(admin_token_file).read_text(encoding="utf-8").splitlines()[0].strip()
+        except (OSError, UnicodeDecodeError, IndexError) as e:
+            raise DeepFMError(f"{admin_token_file}: cannot read an admin token from it ({e or 'empty'})") from None
+        if not admin_token:
+            raise DeepFMError(f"{admin_token_file}: the first line (the admin token) is empty")
     load(bundle)  # fail here, with a clear message, rather than in every worker
     cfg = ServeConfig(bundle=str(Path(bundle).resolve()), max_rows=max_rows,
                       max_body_bytes=int(max_body_mb * (1 << 20)), timeout_s=timeout_s,
-                      admin_token=admin_token, threads=threads, engine=engine)
+                      admin_token=admin_token, threads=threads, engine=engine, strict_fields=strict_fields,
+                      header_timeout_s=header_timeout_s, body_timeout_s=body_timeout_s, keep_alive_s=keep_alive_s,
+                      max_header_bytes=max_header_kb << 10, max_connections=max_connections,
+                      reload_timeout_s=reload_timeout_s)
     click.echo(f"serving {bundle} on http://{host}:{port} ({workers} worker(s), engine {engine}); "
                f"admin reload {'on' if admin_token else 'off'}", err=True)
     run_server(cfg, host=host, port=port, workers=workers, log_level=log_level)
@@ -479,8 +612,10 @@ def request(bundle, data, n_rows, fmt) -> None:
 @click.option("--out", type=click.Path(), help="Output file (default: BUNDLE/../<bundle name>.onnx or .pt).")
 @click.option("--check-rows", type=int, default=10000, show_default=True,
               help="Rows of random encoded input on which the export is checked against the torch model.")
+@click.option("--force", is_flag=True, help="Overwrite --out even if it is not an earlier `deepfm export` file.")
 @friendly
-def export(bundle, fmt, out, check_rows) -> None:
+@outputs.interruptible
+def export(bundle, fmt, out, check_rows, force) -> None:
     """Export a bundle's model to ONNX (or TorchScript) and check it against the torch model.
 
     The exported graph takes encoded inputs (idx int64 [batch, slots], val float32 [batch, slots]) and returns
@@ -493,11 +628,14 @@ def export(bundle, fmt, out, check_rows) -> None:
     import numpy as np
 
     from deepfm.serve.bundle import load
-    from deepfm.serve.export import check_export, export_onnx, export_torchscript
+    from deepfm.serve.export import check_export, export_onnx, export_torchscript, is_export
 
-    b = load(bundle)
     path = Path(out) if out else Path(bundle).resolve().parent / (Path(bundle).resolve().name
                                                                    + (".onnx" if fmt == "onnx" else ".pt"))
+    if outputs.holds(Path(bundle), path):
+        raise DeepFMError(f"--out {path} is inside the bundle {bundle}: write the export beside it")
+    outputs.check_file_out(path, lambda p: is_export(p, fmt), f"{fmt} export", force=force, inputs=(bundle,))
+    b = load(bundle)
     (export_onnx if fmt == "onnx" else export_torchscript)(b.model, path)
     diff = check_export(b.model, path, fmt, rows=check_rows) if check_rows > 0 else float("nan")
     if np.isfinite(diff) and diff > 1e-5:
@@ -573,7 +711,7 @@ def synth(rows, seed, out, vocab_scale, valid_fraction, test_fraction, tail) -> 
 @click.option("--rows", type=int, default=1_000_000, show_default=True)
 @click.option("--out", default="demo", show_default=True, type=click.Path(), help="Working folder.")
 @click.option("--preset", default="default", show_default=True)
-@click.option("--epochs", type=int, default=None)
+@click.option("--epochs", type=click.IntRange(min=1), default=None)
 @click.option("--seed", type=int, default=0, show_default=True)
 @friendly
 def demo(rows, out, preset, epochs, seed) -> None:

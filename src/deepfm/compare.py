@@ -27,6 +27,7 @@ from typing import Any
 import click
 import numpy as np
 
+from deepfm import outputs
 from deepfm.cli import FORMATS, friendly, loading_options  # cli loads this module lazily, when it runs
 from deepfm.config import MODEL_NAMES  # not models.ctr: loading the command must not import torch
 from deepfm.errors import DeepFMError
@@ -109,9 +110,7 @@ def _fmt(v: Any, digits: int = 4) -> str:
 
 
 def _write_json(path: Path, obj: Any) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(json.dumps(obj, indent=1, default=str))
-    os.replace(tmp, path)
+    outputs.write_text(path, json.dumps(obj, indent=1, default=str))  # unique temporary name, then rename
 
 
 def _read_json(path: Path) -> Any:
@@ -202,7 +201,7 @@ def table_markdown(rows: list[dict[str, Any]], has_lr: bool) -> str:
 def write_tables(out: Path, runs: list[Run], rows: list[dict[str, Any]], has_lr: bool) -> list[Path]:
     """results.csv (one row per completed run), table.csv and table.md."""
     results = out / "results.csv"
-    with open(results.with_name(".results.csv.tmp"), "w", newline="") as fh:
+    with outputs.atomic_file(results) as tmp, open(tmp, "w", newline="") as fh:
         w = csv.writer(fh)
         w.writerow(["model", "seed", "test_auc", "test_logloss", "valid_auc", "valid_logloss", "best_epoch",
                     "epochs", "train_seconds", "test_rows"])
@@ -213,9 +212,8 @@ def write_tables(out: Path, runs: list[Run], rows: list[dict[str, Any]], has_lr:
             w.writerow([r.model, r.seed, _fmt(t["auc"], 6), _fmt(t["logloss"], 6), _fmt(v.get("auc"), 6),
                         _fmt(v.get("logloss"), 6), d.get("best_epoch"), d.get("epochs"),
                         _fmt(d.get("train_seconds"), 2), t.get("rows")])
-    os.replace(results.with_name(".results.csv.tmp"), results)
     table_csv = out / "table.csv"
-    with open(table_csv.with_name(".table.csv.tmp"), "w", newline="") as fh:
+    with outputs.atomic_file(table_csv) as tmp, open(tmp, "w", newline="") as fh:
         w = csv.writer(fh)
         w.writerow(["model", "name", "runs", "auc_mean", "auc_std", "logloss_mean", "logloss_std",
                     "relaimpr_percent"])
@@ -223,9 +221,8 @@ def write_tables(out: Path, runs: list[Run], rows: list[dict[str, Any]], has_lr:
             w.writerow([r["model"], r["name"], r["runs"], _fmt(r["auc_mean"], 6), _fmt(r["auc_std"], 6),
                         _fmt(r["logloss_mean"], 6), _fmt(r["logloss_std"], 6),
                         "" if r["relaimpr"] is None else f"{r['relaimpr']:.4f}"])
-    os.replace(table_csv.with_name(".table.csv.tmp"), table_csv)
     table_md = out / "table.md"
-    table_md.write_text(table_markdown(rows, has_lr))
+    outputs.write_text(table_md, table_markdown(rows, has_lr))
     return [results, table_csv, table_md]
 
 
@@ -301,6 +298,7 @@ def compare(
     budget_minutes: float | None = None,
     command: str | None = None,
     echo: Any = None,
+    force: bool = False,
 ) -> Outcome:
     """Train every model x seed on the same prepared data, skipping runs already done in ``out``, then write
     the tables, plots and report. echo: where the progress lines go (default: print)."""
@@ -331,99 +329,105 @@ def compare(
     if schema is not None and min_count is not None:
         schema = schema.with_overrides(min_count=min_count)
     out = Path(out)
-    (out / "runs").mkdir(parents=True, exist_ok=True)
-    data_key = {"format": fmt, "schema": schema.to_dict() if schema is not None else None,
-                "train": file_identity(train_path),
-                "valid": file_identity(valid_path) if valid_path else None,
-                "valid_fraction": None if valid_path else valid_fraction,
-                "split_seed": None if valid_path else split_seed, "test": file_identity(test_path),
-                "on_bad_rows": on_bad_rows, "streaming": bool(streaming)}
+    # never write into a folder that is not a compare output (unless --force), or that holds the data
+    outputs.check_dir_out(out, ("compare",), force=force, inputs=(train_path, valid_path, test_path, schema_path))
+    with outputs.locked(out):  # one compare per --out at a time
+        out.mkdir(parents=True, exist_ok=True)
+        if not (out / outputs.MARKER).exists():
+            outputs.mark(out, "compare")
+        (out / "runs").mkdir(parents=True, exist_ok=True)
+        data_key = {"format": fmt, "schema": schema.to_dict() if schema is not None else None,
+                    "train": file_identity(train_path),
+                    "valid": file_identity(valid_path) if valid_path else None,
+                    "valid_fraction": None if valid_path else valid_fraction,
+                    "split_seed": None if valid_path else split_seed, "test": file_identity(test_path),
+                    "on_bad_rows": on_bad_rows, "streaming": bool(streaming)}
 
-    # the plan: seed-major, so that a budget cut leaves whole seeds of every model
-    runs: list[Run] = []
-    for seed in range(1, seeds + 1):
-        for m in model_list:
-            model_cfg, train_cfg = pipeline.resolve_config(preset, list(overrides), model=m, epochs=epochs,
-                                                           seed=seed, threads=threads)
-            r = Run(m, seed, run_key(model_cfg.to_dict(), train_cfg.to_dict(), data_key), model_cfg, train_cfg)
-            done = _read_json(out / "runs" / r.id / DONE)
-            if done and done.get("key") == r.key and done.get("model") == m and done.get("seed") == seed:
-                r.record, r.status = done, "reused"
-            runs.append(r)
+        # the plan: seed-major, so that a budget cut leaves whole seeds of every model
+        runs: list[Run] = []
+        for seed in range(1, seeds + 1):
+            for m in model_list:
+                model_cfg, train_cfg = pipeline.resolve_config(preset, list(overrides), model=m, epochs=epochs,
+                                                               seed=seed, threads=threads)
+                r = Run(m, seed, run_key(model_cfg.to_dict(), train_cfg.to_dict(), data_key), model_cfg, train_cfg)
+                done = _read_json(out / "runs" / r.id / DONE)
+                if done and done.get("key") == r.key and done.get("model") == m and done.get("seed") == seed:
+                    r.record, r.status = done, "reused"
+                runs.append(r)
 
-    data_file = out / "data.json"
-    data = _read_json(data_file)
-    if not data or data.get("key") != run_key({}, {}, data_key):
-        data = None
-    prep = test = None
-    todo = [r for r in runs if r.record is None]
+        data_file = out / "data.json"
+        data = _read_json(data_file)
+        if not data or data.get("key") != run_key({}, {}, data_key):
+            data = None
+        prep = test = None
+        todo = [r for r in runs if r.record is None]
 
-    def ensure_data() -> None:
-        nonlocal prep, test, data
-        if prep is not None:
-            return
-        if streaming:  # out of core: shards on disk, as `deepfm train --streaming`
-            prep = pipeline.prepare_streaming(train_path, fmt, schema, valid_path, valid_fraction, split_seed,
-                                              on_bad_rows, cache_dir, use_cache)
-            test = pipeline.shard_file(test_path, fmt, prep.pre, on_bad_rows, cache_dir)
-        else:
-            prep = pipeline.prepare(train_path, fmt, schema, valid_path, valid_fraction, split_seed, on_bad_rows,
-                                    cache_dir, use_cache)
-            test = pipeline.encode_file(test_path, fmt, prep.pre, on_bad_rows)
-        labels = test_labels(pipeline, test, prep)
-        if labels is None:
-            raise DeepFMError(f"--test {test_path}: no label column, cannot evaluate")
-        data = {"key": run_key({}, {}, data_key), "format": fmt, "train": str(train_path),
-                "valid": str(valid_path) if valid_path else None,
-                "valid_fraction": None if valid_path else valid_fraction,
-                "split_seed": None if valid_path else split_seed, "test": str(test_path),
-                "train_rows": int(len(prep.train_rows) if prep.train_rows is not None else prep.train.rows),
-                "valid_rows": int(len(prep.valid_rows) if prep.valid_rows is not None
-                                  else prep.valid.rows if prep.valid is not None else 0),
-                "test_rows": int(test.rows), "test_ctr": float(labels.mean()) if labels.size else float("nan"),
-                "fields": len(prep.fields), "vocab_rows": int(prep.info["vocab_rows"]),
-                "field_names": [f.name for f in prep.fields],
-                "skipped_rows": int(prep.info.get("skipped_rows", 0)), "streaming": bool(streaming)}
-        _write_json(data_file, data)
+        def ensure_data() -> None:
+            nonlocal prep, test, data
+            if prep is not None:
+                return
+            if streaming:  # out of core: shards on disk, as `deepfm train --streaming`
+                prep = pipeline.prepare_streaming(train_path, fmt, schema, valid_path, valid_fraction, split_seed,
+                                                  on_bad_rows, cache_dir, use_cache)
+                test = pipeline.shard_file(test_path, fmt, prep.pre, on_bad_rows, cache_dir)
+            else:
+                prep = pipeline.prepare(train_path, fmt, schema, valid_path, valid_fraction, split_seed, on_bad_rows,
+                                        cache_dir, use_cache)
+                test = pipeline.encode_file(test_path, fmt, prep.pre, on_bad_rows)
+            labels = test_labels(pipeline, test, prep)
+            if labels is None:
+                raise DeepFMError(f"--test {test_path}: no label column, cannot evaluate")
+            data = {"key": run_key({}, {}, data_key), "format": fmt, "train": str(train_path),
+                    "valid": str(valid_path) if valid_path else None,
+                    "valid_fraction": None if valid_path else valid_fraction,
+                    "split_seed": None if valid_path else split_seed, "test": str(test_path),
+                    "train_rows": int(len(prep.train_rows) if prep.train_rows is not None else prep.train.rows),
+                    "valid_rows": int(len(prep.valid_rows) if prep.valid_rows is not None
+                                      else prep.valid.rows if prep.valid is not None else 0),
+                    "test_rows": int(test.rows), "test_ctr": float(labels.mean()) if labels.size else float("nan"),
+                    "fields": len(prep.fields), "vocab_rows": int(prep.info["vocab_rows"]),
+                    "field_names": [f.name for f in prep.fields],
+                    "skipped_rows": int(prep.info.get("skipped_rows", 0)), "streaming": bool(streaming)}
+            _write_json(data_file, data)
 
-    n = len(runs)
-    for k, r in enumerate(runs, 1):
-        if r.record is not None:
+        n = len(runs)
+        for k, r in enumerate(runs, 1):
+            if r.record is not None:
+                t = r.record["metrics"]["test"]
+                say(f"[{k}/{n}] {r.model} seed {r.seed}: done earlier, skipped (test AUC {t['auc']:.4f} logloss "
+                    f"{t['logloss']:.5f})")
+        budget_note = None
+        for r in todo:
+            elapsed = time.monotonic() - t_start
+            if budget_minutes is not None and elapsed >= budget_minutes * 60:
+                left = [x.id for x in todo if x.record is None]
+                budget_note = (f"the budget of {budget_minutes:g} min was spent after {elapsed / 60:.1f} min: "
+                               f"{len(left)} run(s) not started ({', '.join(left)}); rerun the same command "
+                               "(with a larger --budget-minutes) to complete them")
+                say(f"budget: {budget_note}")
+                break
+            ensure_data()
+            r.record = _train_one(pipeline, prep, test, r, out, fmt, preset, list(overrides))
+            r.status = "trained"
             t = r.record["metrics"]["test"]
-            say(f"[{k}/{n}] {r.model} seed {r.seed}: done earlier, skipped (test AUC {t['auc']:.4f} logloss "
-                f"{t['logloss']:.5f})")
-    budget_note = None
-    for r in todo:
-        elapsed = time.monotonic() - t_start
-        if budget_minutes is not None and elapsed >= budget_minutes * 60:
-            left = [x.id for x in todo if x.record is None]
-            budget_note = (f"the budget of {budget_minutes:g} min was spent after {elapsed / 60:.1f} min: "
-                           f"{len(left)} run(s) not started ({', '.join(left)}); rerun the same command "
-                           "(with a larger --budget-minutes) to complete them")
-            say(f"budget: {budget_note}")
-            break
-        ensure_data()
-        r.record = _train_one(pipeline, prep, test, r, out, fmt, preset, list(overrides))
-        r.status = "trained"
-        t = r.record["metrics"]["test"]
-        k = sum(x.record is not None for x in runs)
-        say(f"[{k}/{n}] {r.model} seed {r.seed}: test AUC {t['auc']:.4f} logloss {t['logloss']:.5f}, best epoch "
-            f"{r.record['best_epoch']} of {r.record['epochs']}, {r.record['train_seconds']:.1f} s")
-        write_tables(out, runs, summarize(runs, model_list), "lr" in model_list)
-    if data is None and any(r.record is not None for r in runs):
-        ensure_data()  # the runs were done by an earlier invocation whose data.json is gone
-    rows = summarize(runs, model_list)
-    outcome = Outcome(out, runs, rows, data or {}, budget_note)
-    outcome.files += write_tables(out, runs, rows, "lr" in model_list)
+            k = sum(x.record is not None for x in runs)
+            say(f"[{k}/{n}] {r.model} seed {r.seed}: test AUC {t['auc']:.4f} logloss {t['logloss']:.5f}, best epoch "
+                f"{r.record['best_epoch']} of {r.record['epochs']}, {r.record['train_seconds']:.1f} s")
+            write_tables(out, runs, summarize(runs, model_list), "lr" in model_list)
+        if data is None and any(r.record is not None for r in runs):
+            ensure_data()  # the runs were done by an earlier invocation whose data.json is gone
+        rows = summarize(runs, model_list)
+        outcome = Outcome(out, runs, rows, data or {}, budget_note)
+        outcome.files += write_tables(out, runs, rows, "lr" in model_list)
 
-    from deepfm import report
+        from deepfm import report
 
-    settings = {"models": model_list, "seeds": seeds, "preset": preset, "overrides": list(overrides),
-                "epochs": epochs, "budget_minutes": budget_minutes, "split_seed": split_seed,
-                "min_count": min_count}
-    outcome.files += report.write(outcome, command or "(Python API) deepfm.compare.compare(...)", settings,
-                                  machine(), versions())
-    return outcome
+        settings = {"models": model_list, "seeds": seeds, "preset": preset, "overrides": list(overrides),
+                    "epochs": epochs, "budget_minutes": budget_minutes, "split_seed": split_seed,
+                    "min_count": min_count}
+        outcome.files += report.write(outcome, command or "(Python API) deepfm.compare.compare(...)", settings,
+                                      machine(), versions())
+        return outcome
 
 
 def test_labels(pipeline: Any, test: Any, prep: Any) -> np.ndarray | None:
@@ -441,13 +445,18 @@ def _train_one(pipeline: Any, prep: Any, test: Any, r: Run, out: Path, fmt: str,
     started = _read_json(run_dir / STARTED)
     resume = bool(started and started.get("key") == r.key and (run_dir / "checkpoints").exists())
     if not resume and run_dir.exists():
-        shutil.rmtree(run_dir)  # another configuration's run, or a partial one without checkpoints
+        # another configuration's run, or a partial one without checkpoints: ours (a bundle, a training folder,
+        # started.json) and nothing else is deleted
+        if not (outputs.artifact_kind(run_dir) in ("bundle", "train-run") or (run_dir / STARTED).exists()
+                or not any(run_dir.iterdir())):
+            raise DeepFMError(f"{run_dir} is not a compare run folder: refusing to delete it; move it away")
+        shutil.rmtree(run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
     _write_json(run_dir / STARTED, {"key": r.key, "model": r.model, "seed": r.seed,
                                     "started": time.strftime("%Y-%m-%dT%H:%M:%S")})
     model, result = pipeline.train(prep, r.model_cfg, r.train_cfg, run_dir, fmt, test, progress=False,
                                    extra_info={"preset": preset, "overrides": overrides, "compare": r.id},
-                                   resume=resume)
+                                   resume=resume, force=True)  # run_dir: checked above, holds started.json
     y = test_labels(pipeline, test, prep)
     p = sigmoid(predict_logits(model, pipeline.batcher(test, prep.fields)))
     training = result["training"]
@@ -492,10 +501,12 @@ def _train_one(pipeline: Any, prep: Any, test: Any, r: Run, out: Path, fmt: str,
               help="Start no new run once this many minutes have passed; the report then lists the missing runs "
                    "(rerun the same command to add them).")
 @click.option("--out", required=True, type=click.Path(), help="Output folder (rerun with the same --out to resume).")
+@click.option("--force", is_flag=True, help="Write into --out even if it is a folder that is not a compare output.")
 @friendly
+@outputs.interruptible
 def compare_command(fmt, train_path, valid_path, valid_fraction, test_path, schema_path, models, seeds, split_seed,
                     preset, overrides, epochs, threads, min_count, on_bad_rows, cache_dir, no_cache, streaming,
-                    budget_minutes, out) -> None:
+                    budget_minutes, out, force) -> None:
     """Compare models as in the DeepFM paper's Table 2: every model on the same splits and preprocessing,
     N seeds each; writes results.csv, table.md/.csv (AUC and logloss mean ± std, RelaImpr vs LR), plots and
     one self-contained report.html. Resumable: rerunning the same command skips the runs already done.
@@ -517,7 +528,8 @@ def compare_command(fmt, train_path, valid_path, valid_fraction, test_path, sche
                   valid_fraction=valid_fraction, split_seed=split_seed, schema_path=schema_path, preset=preset,
                   overrides=list(overrides), epochs=epochs, threads=threads, min_count=min_count,
                   on_bad_rows=on_bad_rows, cache_dir=cache_dir, use_cache=not no_cache,
-                  streaming=streaming, budget_minutes=budget_minutes, command=command_line(params), echo=click.echo)
+                  streaming=streaming, budget_minutes=budget_minutes, command=command_line(params), echo=click.echo,
+                  force=force)
     click.echo("")
     click.echo(table_markdown(res.rows, "lr" in [r.model for r in res.runs]).rstrip())
     click.echo("")

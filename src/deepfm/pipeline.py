@@ -18,7 +18,8 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import torch
 
-from deepfm.config import apply_overrides, load_preset
+from deepfm import outputs
+from deepfm.config import apply_overrides, check_options, load_preset
 from deepfm.data import readers
 from deepfm.data.preprocess import Encoded, Preprocessor
 from deepfm.data.shards import ShardBatcher, ShardSet, fit_streaming, write_shards
@@ -39,7 +40,7 @@ from deepfm.serve import bundle as bundle_mod
 from deepfm.train import distributed as dist
 from deepfm.train.checkpoint import Checkpointer, disk_error, fingerprint
 from deepfm.train.metrics import evaluate
-from deepfm.train.trainer import TrainConfig, fit, predict_logits, seed_everything, sigmoid
+from deepfm.train.trainer import TrainConfig, fit, log_to, predict_logits, seed_everything, sigmoid
 
 
 def log(msg: str) -> None:
@@ -187,18 +188,10 @@ def prepare(
         info = {"rows": res.rows, "skipped_rows": res.skipped.count, "read_encode_seconds":
                 time.perf_counter() - t0, "path": str(train_path), "format": fmt}
         if use_cache:
-            tmp = cache / f".{key}.tmp"
-            shutil.rmtree(tmp, ignore_errors=True)
-            tmp.mkdir(parents=True)
-            save_store(enc, tmp / "store")
-            (tmp / "preprocessor.json").write_text(json.dumps(pre.to_dict()))
-            (tmp / "info.json").write_text(json.dumps(info))
-            if split:
-                np.save(tmp / "train_rows.npy", train_rows)
-                np.save(tmp / "valid_rows.npy", valid_rows)
-            (tmp / "done").write_text("ok")
-            shutil.rmtree(entry, ignore_errors=True)
-            tmp.rename(entry)
+            try:
+                _write_cache_entry(entry, enc, pre, info, train_rows, valid_rows)
+            except outputs.WRITE_ERRORS as e:
+                raise outputs.write_error(e, "the encoded-data cache", cache, CACHE_HINT) from None
             train = open_store(entry / "store")
         else:
             train = enc
@@ -208,6 +201,37 @@ def prepare(
     info["vocab_rows"] = int(sum(f.size for f in layout(pre)))
     _report_collisions(pre, info)
     return Prepared(pre, train, train_rows, valid, valid_rows, info)
+
+
+CACHE_HINT = "and rerun, or pass --cache-dir on another disk, or --no-cache"
+
+
+def _write_cache_entry(entry: Path, enc: Encoded, pre: Preprocessor, info: dict[str, Any],
+                       train_rows: np.ndarray | None, valid_rows: np.ndarray | None) -> None:
+    """Write one cache entry under a unique temporary name, then rename it into place (two runs encoding the
+    same data at once each write their own; the second rename finds the entry done and drops its copy)."""
+    tmp = outputs.temp_dir(entry)
+    try:
+        save_store(enc, tmp / "store")
+        (tmp / "preprocessor.json").write_text(json.dumps(pre.to_dict()))
+        (tmp / "info.json").write_text(json.dumps(info))
+        if train_rows is not None:
+            np.save(tmp / "train_rows.npy", train_rows)
+            np.save(tmp / "valid_rows.npy", valid_rows)
+        (tmp / "done").write_text("ok")
+        if (entry / "done").exists():
+            shutil.rmtree(tmp, ignore_errors=True)
+            return
+        shutil.rmtree(entry, ignore_errors=True)  # an entry without "done": a write that was cut short
+        try:
+            tmp.rename(entry)
+        except OSError:
+            if not (entry / "done").exists():
+                raise
+            shutil.rmtree(tmp, ignore_errors=True)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
 
 
 def prepare_streaming(
@@ -250,15 +274,18 @@ def prepare_streaming(
         if parent is not None:
             pre = grow(parent, pre)
         log(f"fitted preprocessing on {info['train_rows']:,} rows in one streaming pass; writing shards")
-        entry.mkdir(parents=True, exist_ok=True)
-        write_shards(blocks(train_path), pre, entry / "data", fraction, seed, shard_rows)
-        if valid_path:
-            write_shards(blocks(valid_path), pre, entry / "valid", 0.0, seed, shard_rows)
-        info.update({"path": str(train_path), "format": fmt, "streaming": True, "shard_rows": shard_rows,
-                     "read_encode_seconds": time.perf_counter() - t0})
-        (entry / "preprocessor.json").write_text(json.dumps(pre.to_dict()))
-        (entry / "info.json").write_text(json.dumps(info))
-        (entry / "done").write_text("ok")
+        try:
+            entry.mkdir(parents=True, exist_ok=True)
+            write_shards(blocks(train_path), pre, entry / "data", fraction, seed, shard_rows)
+            if valid_path:
+                write_shards(blocks(valid_path), pre, entry / "valid", 0.0, seed, shard_rows)
+            info.update({"path": str(train_path), "format": fmt, "streaming": True, "shard_rows": shard_rows,
+                         "read_encode_seconds": time.perf_counter() - t0})
+            (entry / "preprocessor.json").write_text(json.dumps(pre.to_dict()))
+            (entry / "info.json").write_text(json.dumps(info))
+            (entry / "done").write_text("ok")
+        except outputs.WRITE_ERRORS as e:
+            raise outputs.write_error(e, "the shards", entry, CACHE_HINT) from None
     train = ShardSet.open(entry / "data", "train")
     if train is None:
         raise DataError("no training rows", path=str(train_path))
@@ -274,8 +301,11 @@ def shard_file(path: str | Path, fmt: str, pre: Preprocessor, on_bad_rows: str =
     cache = Path(cache_dir) if cache_dir else default_cache_dir()
     entry = cache / cache_key("shard-file", file_identity(path), fmt, pre.fingerprint(), on_bad_rows, shard_rows)
     if not (entry / "shards.json").exists():
-        entry.parent.mkdir(parents=True, exist_ok=True)
-        write_shards(readers.iter_read(path, fmt, pre.schema, on_bad_rows), pre, entry, 0.0, 0, shard_rows)
+        try:
+            entry.parent.mkdir(parents=True, exist_ok=True)
+            write_shards(readers.iter_read(path, fmt, pre.schema, on_bad_rows), pre, entry, 0.0, 0, shard_rows)
+        except outputs.WRITE_ERRORS as e:
+            raise outputs.write_error(e, "the shards", entry, CACHE_HINT) from None
     shards = ShardSet.open(entry, "train")
     if shards is None:
         raise DataError("no data rows", path=str(path))
@@ -294,7 +324,10 @@ def encode_file(path: str | Path, fmt: str, pre: Preprocessor, on_bad_rows: str 
     _report_skips(res)
     enc = pre.transform(res)
     if entry is not None:
-        save_store(enc, entry)
+        try:
+            save_store(enc, entry)
+        except outputs.WRITE_ERRORS as e:
+            raise outputs.write_error(e, "the encoded-data cache", cache_dir, CACHE_HINT) from None
         return open_store(entry)
     return enc
 
@@ -311,7 +344,7 @@ def resolve_config(preset: str = "default", overrides: list[str] | None = None,
         else:
             cfg["train"][k] = v
     try:
-        return ModelConfig.from_dict(cfg["model"]), TrainConfig.from_dict(cfg["train"])
+        return ModelConfig.from_dict(check_options("model", cfg["model"])), TrainConfig.from_dict(cfg["train"])
     except (TypeError, ValueError) as e:
         raise DeepFMError(f"invalid configuration: {e}") from None
 
@@ -339,9 +372,37 @@ def train(
     extra_info: dict[str, Any] | None = None,
     resume: bool = False,
     init_from: bundle_mod.Bundle | None = None,
+    force: bool = False,
 ) -> tuple[CTRModel, dict[str, Any]]:
     """Train on prepared data; with ``out_dir``, write checkpoints (``out_dir/checkpoints``), metrics.jsonl
-    and the bundle there. resume: continue from the newest checkpoint in ``out_dir`` (see train.checkpoint)."""
+    and the bundle there. resume: continue from the newest checkpoint in ``out_dir`` (see train.checkpoint).
+    ``out_dir`` is locked for the whole run (a second run to it is refused), and an existing folder there must
+    be a bundle or a training run's folder, else a DeepFMError (``force``: replace it anyway)."""
+    args = (prepared, model_cfg, train_cfg, out_dir, data_format, test, progress, extra_info, resume, init_from,
+            force)
+    if out_dir is None or dist.rank() != 0:  # rank 0 alone writes (checkpoints, bundle)
+        return _train(*args)
+    out = Path(out_dir)
+    with outputs.locked(out):
+        if not outputs.check_dir_out(out, ("bundle", "train-run"), force=force) or not any(out.iterdir()):
+            out.mkdir(parents=True, exist_ok=True)
+            outputs.mark(out, "train-run")  # a rerun (or --resume) recognises the folder as its own
+        return _train(*args)
+
+
+def _train(
+    prepared: Prepared,
+    model_cfg: ModelConfig,
+    train_cfg: TrainConfig,
+    out_dir: str | Path | None,
+    data_format: str | None,
+    test: Encoded | ShardSet | None,
+    progress: bool,
+    extra_info: dict[str, Any] | None,
+    resume: bool,
+    init_from: bundle_mod.Bundle | None,
+    force: bool,
+) -> tuple[CTRModel, dict[str, Any]]:
     seed_everything(train_cfg.seed)
     fields = prepared.fields
     model = build_model(fields, model_cfg)
@@ -370,18 +431,14 @@ def train(
     elif resume:
         raise DeepFMError("resume needs the output folder of the run (--out DIR)")
 
-    def on_epoch(rec: dict[str, Any]) -> None:
-        if progress:
-            msg = f"epoch {rec['epoch']}: train logloss {rec['train_logloss']:.4f} " \
-                  f"({rec['train_rows_per_s']:,.0f} rows/s)"
-            if "valid_auc" in rec:
-                msg += f", valid AUC {rec['valid_auc']:.4f} logloss {rec['valid_logloss']:.4f}"
-            log(msg)
-
+    # the run's log lines (fit prints the epoch and early-stopping lines), kept beside the folder while the
+    # run goes on (a resumed run appends), then written into the bundle as train.log
+    run_log = out.parent / f"{out.name}.train.log" if out is not None and dist.rank() == 0 else None
     t0 = time.perf_counter()
-    history = fit(model, batcher(prepared.train, fields), train_cfg, prepared.train_rows,
-                  batcher(prepared.valid, fields) if prepared.valid is not None else None,
-                  prepared.valid_rows, log_path, progress, on_epoch, checkpoints, resume)
+    with log_to(run_log, append=resume):
+        history = fit(model, batcher(prepared.train, fields), train_cfg, prepared.train_rows,
+                      batcher(prepared.valid, fields) if prepared.valid is not None else None,
+                      prepared.valid_rows, log_path, progress, None, checkpoints, resume)
     if dist.rank() != 0:  # rank 0 scores and writes the bundle; the other ranks are done
         return model, {"metrics": {}, "training": {}}
     metrics: dict[str, Any] = {}
@@ -398,9 +455,12 @@ def train(
         training["lineage"] = lineage
     if out is not None:  # replaces the folder, checkpoints included: the run is complete
         try:
-            bundle_mod.save(out, model, prepared.pre, data_format, training, metrics)
-        except OSError as e:
+            bundle_mod.save(out, model, prepared.pre, data_format, training, metrics, force=force,
+                            extra_files={"train.log": run_log.read_bytes()} if run_log and run_log.exists() else None)
+        except outputs.WRITE_ERRORS as e:  # OSError, or safetensors' own error (disk full)
             raise disk_error(e, "the bundle", out) from None
         if log_path is not None and log_path.exists():
             shutil.move(str(log_path), str(out / "metrics.jsonl"))  # not checksummed: an appendable log
+        if run_log is not None:
+            run_log.unlink(missing_ok=True)  # now in the bundle
     return model, {"metrics": metrics, "training": training}

@@ -35,6 +35,7 @@ import click
 import numpy as np
 import yaml
 
+from deepfm import outputs
 from deepfm.cli import (  # cli loads this module lazily
     batch_size_option,
     friendly,
@@ -165,7 +166,7 @@ def _kind_blocks(kind: str) -> tuple[bool, bool]:
 def tune(prepared: Any, base_model: ModelConfig, base_train: TrainConfig, out: str | Path,
          trials: int | None = None, minutes: float | None = None, space: SearchSpace | None = None,
          seed: int | None = None, prune: bool = True, resume: bool = False, setup: dict[str, Any] | None = None,
-         log: Callable[[str], None] = print) -> Any:
+         log: Callable[[str], None] = print, force: bool = False) -> Any:
     """Run (or, with ``resume``, continue) the study in ``out/study.db`` until ``trials`` trials are
     finished in all (complete, pruned or failed) or ``minutes`` have passed (no new trial starts after
     that; a running one ends), whichever is first. Writes trials.csv, best.yaml, study.json after every
@@ -174,14 +175,26 @@ def tune(prepared: Any, base_model: ModelConfig, base_train: TrainConfig, out: s
     setup: what the study was started with (data, preset, ...), stored in it; a resume with another
     setup is refused."""
     optuna = _optuna()
-    from optuna.trial import TrialState
-
     if trials is None and minutes is None:
         raise DeepFMError("give a budget: --trials N and/or --minutes M")
     space = space or SearchSpace()
     seed = base_train.seed if seed is None else seed
     out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
+    # never write into a folder that is not a tune output (unless force); one tune per folder at a time
+    outputs.check_dir_out(out, ("tune",), force=force)
+    with outputs.locked(out):
+        out.mkdir(parents=True, exist_ok=True)
+        if not (out / outputs.MARKER).exists():
+            outputs.mark(out, "tune")
+        return _tune(optuna, prepared, base_model, base_train, out, trials, minutes, space, seed, prune, resume,
+                     setup, log)
+
+
+def _tune(optuna: Any, prepared: Any, base_model: ModelConfig, base_train: TrainConfig, out: Path,
+          trials: int | None, minutes: float | None, space: SearchSpace, seed: int, prune: bool, resume: bool,
+          setup: dict[str, Any] | None, log: Callable[[str], None]) -> Any:
+    from optuna.trial import TrialState
+
     db = out / "study.db"
     if db.exists() and not resume:
         raise DeepFMError(f"{out} already holds a study (study.db): pass --resume to continue it, or use "
@@ -315,7 +328,7 @@ def write_outputs(study: Any, out: Path, base_model: ModelConfig, base_train: Tr
     optuna = _optuna()
     TrialState = optuna.trial.TrialState
     trials = study.get_trials(deepcopy=False)
-    with open(out / "trials.csv", "w", newline="") as fh:
+    with outputs.atomic_file(out / "trials.csv") as tmp, open(tmp, "w", newline="") as fh:
         w = csv.writer(fh)
         w.writerow(["number", "state", "valid_auc", "valid_logloss", "best_epoch", "epochs", "seconds", "hidden",
                     *PARAMS])
@@ -343,15 +356,13 @@ def write_outputs(study: Any, out: Path, base_model: ModelConfig, base_train: Tr
                   f"{best.number}, validation AUC {best.value:.4f}\n# use: deepfm train --preset {out / 'best.yaml'} "
                   "... "
                   "(its other options as for the tuning run)\n")
-        tmp = out / ".best.yaml.tmp"
-        tmp.write_text(header + yaml.safe_dump(preset, sort_keys=False))
-        tmp.replace(out / "best.yaml")
+        outputs.write_text(out / "best.yaml", header + yaml.safe_dump(preset, sort_keys=False))  # unique temp name
     if plots:
         imp, why = param_importance(study)
         summary["param_importance"] = imp if imp is not None else {"error": why}
         plot_history(study, out / "history.png")
         plot_param_importance(imp, why, out / "importance.png")
-    (out / "study.json").write_text(json.dumps(summary, indent=1, default=str))
+    outputs.write_text(out / "study.json", json.dumps(summary, indent=1, default=str))
 
 
 def _pyplot():
@@ -442,10 +453,12 @@ def plot_param_importance(imp: dict[str, float] | None, why: str | None, path: P
 @click.option("--no-prune", is_flag=True, help="Run every trial to the end (no median pruning).")
 @click.option("--resume", is_flag=True, help="Continue the study in --out (same options).")
 @loading_options
+@click.option("--force", is_flag=True, help="Write into --out even if it is a folder that is not a tune output.")
 @friendly
+@outputs.interruptible
 def tune_command(fmt, train_path, valid_path, valid_fraction, schema_path, out, trials, minutes, preset, overrides,
                  model, epochs, batch_size, seed, max_neurons, max_layers, no_prune, resume, threads, min_count,
-                 on_bad_rows, cache_dir, no_cache) -> None:
+                 on_bad_rows, cache_dir, no_cache, force) -> None:
     """Search DeepFM's hyper-parameters with Optuna (TPE, median pruning) for the best validation AUC.
 
     Axes (the paper's Sec. 3.3 study, plus three): dropout 0.1-0.9, neurons per layer, hidden layers,
@@ -473,6 +486,7 @@ def tune_command(fmt, train_path, valid_path, valid_fraction, schema_path, out, 
     if trials is None and minutes is None:
         raise DeepFMError("give a budget: --trials N and/or --minutes M")
     fmt = input_format(fmt, schema_path, train_path)
+    outputs.check_dir_out(out, ("tune",), force=force, inputs=(train_path, valid_path, schema_path))
     batch_size = batch_size_option(batch_size)
     model_cfg, train_cfg = pipeline.resolve_config(preset, list(overrides), model=model, epochs=epochs,
                                                    batch_size=batch_size, seed=seed, threads=threads)
@@ -494,7 +508,7 @@ def tune_command(fmt, train_path, valid_path, valid_fraction, schema_path, out, 
     t0 = time.perf_counter()
     try:
         study = tune(prep, model_cfg, train_cfg, out, trials, minutes, SearchSpace.capped(max_neurons, max_layers),
-                     prune=not no_prune, resume=resume, setup=setup, log=pipeline.log)
+                     prune=not no_prune, resume=resume, setup=setup, log=pipeline.log, force=force)
     except KeyboardInterrupt:
         click.echo(f"interrupted: the finished trials are in {out}; rerun the same command with --resume to "
                    "continue", err=True)

@@ -20,8 +20,6 @@ DeprecationWarning is silenced here.
 from __future__ import annotations
 
 import contextlib
-import os
-import tempfile
 import warnings
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -30,7 +28,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from deepfm import __version__
+from deepfm import __version__, outputs
 from deepfm.errors import BundleError
 from deepfm.models.baselines import Baseline
 from deepfm.models.ctr import MODELS, CTRModel
@@ -106,19 +104,38 @@ def _evaluating(model: nn.Module) -> Iterator[None]:
 
 
 def _write_atomic(path: str | Path, suffix: str, write: Callable[[str], None]) -> Path:
-    """``write(tmp)`` to a temporary file in ``path``'s folder, then one rename: no half-written file at path."""
+    """``write(tmp)`` to a unique temporary file in ``path``'s folder, then one rename, under ``path``'s write
+    lock: no half-written file at path, and a concurrent export to it is refused. The file follows the umask
+    (mkstemp alone makes 0600); a failed write (disk full above all) is one clear DeepFMError."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=suffix, dir=path.parent)
-    os.close(fd)
     try:
-        write(tmp)
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(OSError):
-            os.unlink(tmp)
-        raise
+        with outputs.locked(path), outputs.atomic_file(path, suffix) as tmp:
+            write(str(tmp))
+    except outputs.WRITE_ERRORS as e:
+        raise outputs.write_error(e, "the export", path) from None
     return path
+
+
+def is_export(path: str | Path, fmt: str = "onnx") -> bool:
+    """Whether ``path`` is a file written by this module (what an export may overwrite without --force)."""
+    path = Path(path)
+    if fmt == "onnx":
+        try:
+            import onnxruntime as ort
+
+            sess = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+        except Exception:  # not ONNX, or no onnxruntime: not known to be ours
+            return False
+        meta = sess.get_modelmeta().custom_metadata_map
+        return meta.get("producer") == "deepfm" or tuple(i.name for i in sess.get_inputs()) == INPUTS
+    import zipfile
+
+    try:
+        with zipfile.ZipFile(path) as z:
+            names = z.namelist()
+    except (OSError, zipfile.BadZipFile):
+        return False
+    return any(n.endswith("/extra/deepfm.json") or "/code/__torch__/deepfm/" in n for n in names)
 
 
 def _example(slots: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -160,7 +177,8 @@ def export_torchscript(model: CTRModel, path: str | Path) -> Path:
             wrapper = _ExportForward(model).eval()
             # check_trace re-runs the trace through the graph executor (~1 s on first use); tests check parity
             traced = torch.jit.trace(wrapper, _example(wrapper.slots), check_trace=False)
-            torch.jit.save(traced, tmp)
+            torch.jit.save(traced, tmp, _extra_files={"deepfm.json": f'{{"producer": "deepfm", "deepfm_version": '
+                                                                     f'"{__version__}"}}'})
 
     return _write_atomic(path, ".pt.tmp", write)
 

@@ -14,7 +14,6 @@ run ends bit-identical to an uninterrupted one (``scripts/kill_test.py`` checks 
 
 from __future__ import annotations
 
-import errno
 import hashlib
 import json
 import os
@@ -28,6 +27,7 @@ import numpy as np
 import torch
 from safetensors.torch import load_file, save_file
 
+from deepfm import outputs
 from deepfm.errors import DeepFMError
 from deepfm.models.ctr import CTRModel
 from deepfm.models.layers import FastDropout
@@ -62,9 +62,10 @@ def _fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
-def disk_error(e: OSError, what: str, where: Path) -> DeepFMError:
-    """A clear error for a failed artifact write (disk full above all)."""
-    if e.errno in (errno.ENOSPC, errno.EDQUOT):
+def disk_error(e: BaseException, what: str, where: Path) -> DeepFMError:
+    """A clear error for a failed artifact write (disk full above all; safetensors raises its own
+    SafetensorError, not OSError, for the same failures)."""
+    if outputs.is_disk_full(e):
         return DeepFMError(f"disk full while writing {what} to {where}; free space (or point --out elsewhere) "
                            "and rerun with --resume: the last complete checkpoint is intact")
     return DeepFMError(f"could not write {what} to {where}: {e}")
@@ -108,28 +109,35 @@ class Checkpointer:
         final = self.dir / name
         try:
             self.dir.mkdir(parents=True, exist_ok=True)
-            tmp = Path(tempfile.mkdtemp(prefix=".tmp-", dir=self.dir))
-            try:
-                save_file(tensors, str(tmp / "state.safetensors"))
-                with open(tmp / "state.safetensors", "rb+") as fh:
-                    os.fsync(fh.fileno())
-                meta["sha256"] = _sha256(tmp / "state.safetensors")
-                with open(tmp / "state.json", "w") as fh:
-                    json.dump(meta, fh)
-                    fh.flush()
-                    os.fsync(fh.fileno())
-                if final.exists():
-                    shutil.rmtree(final)
-                os.replace(tmp, final)
-                _fsync_dir(self.dir)
-            except BaseException:
-                shutil.rmtree(tmp, ignore_errors=True)
-                raise
-        except OSError as e:
+            with outputs.locked(self.dir):  # one writer per checkpoints folder
+                self._write(tensors, meta, final)
+                for old in self.list()[: -self.keep]:
+                    shutil.rmtree(old, ignore_errors=True)
+        except outputs.WRITE_ERRORS as e:
             raise disk_error(e, "a checkpoint", self.dir) from None
-        for old in self.list()[: -self.keep]:
-            shutil.rmtree(old, ignore_errors=True)
         return final
+
+    def _write(self, tensors: dict[str, torch.Tensor], meta: dict[str, Any], final: Path) -> None:
+        tmp = Path(tempfile.mkdtemp(prefix=".tmp-", dir=self.dir))
+        try:
+            outputs.follow_umask(tmp, is_dir=True)  # mkdtemp makes 0700
+            save_file(tensors, str(tmp / "state.safetensors"))
+            outputs.follow_umask(tmp / "state.safetensors", is_dir=False)  # safetensors creates its files 0600
+            with open(tmp / "state.safetensors", "rb+") as fh:
+                os.fsync(fh.fileno())
+            meta["sha256"] = _sha256(tmp / "state.safetensors")
+            meta["meta_sha256"] = _meta_sha256(meta)  # state.json checks itself: a damaged one is skipped
+            with open(tmp / "state.json", "w") as fh:
+                json.dump(meta, fh)
+                fh.flush()
+                os.fsync(fh.fileno())
+            if final.exists():
+                shutil.rmtree(final)
+            os.replace(tmp, final)
+            _fsync_dir(self.dir)
+        except BaseException:  # also SIGTERM (outputs.Terminated) and Ctrl-C: no .tmp-* folder is left
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
 
     # ------------------------------------------------------------------ find / read
     def list(self) -> list[Path]:
@@ -144,10 +152,17 @@ class Checkpointer:
         for path in reversed(self.list()):
             try:
                 meta = json.loads((path / "state.json").read_text())
+                if not isinstance(meta, dict):
+                    raise ValueError("state.json is not an object")
                 if meta.get("format") != FORMAT or meta.get("format_version") != FORMAT_VERSION:
                     raise ValueError(f"format {meta.get('format')} v{meta.get('format_version')}")
+                # written since state.json carries its own checksum; older checkpoints lack it
+                if "meta_sha256" in meta and _meta_sha256(meta) != meta["meta_sha256"]:
+                    raise ValueError("state.json checksum mismatch")
                 if _sha256(path / "state.safetensors") != meta.get("sha256"):
                     raise ValueError("checksum mismatch")
+                if not isinstance(meta.get("fingerprint"), str):
+                    raise ValueError("state.json has no fingerprint")
             except (OSError, ValueError) as e:
                 if warn:
                     warn(f"skipping damaged checkpoint {path.name}: {e}")
@@ -199,6 +214,12 @@ def _sha256(path: Path) -> str:
         for chunk in iter(lambda: fh.read(1 << 20), b""):
             h.update(chunk)
     return h.hexdigest()
+
+
+def _meta_sha256(meta: dict[str, Any]) -> str:
+    """sha256 of state.json's content without its own checksum (canonical JSON: key order does not matter)."""
+    rest = {k: v for k, v in meta.items() if k != "meta_sha256"}
+    return hashlib.sha256(json.dumps(rest, sort_keys=True).encode()).hexdigest()
 
 
 def fingerprint(*parts: Any) -> str:
