@@ -8,25 +8,24 @@ for value; ``tests/test_serve.py`` checks it on random records with unseen, miss
 Accepted values per field kind (what JSON gives; anything else is a :class:`RecordError`):
 - categorical / multi: a string, an integer (as its decimal text), or null/"" = missing. A multi field
   also takes a list of strings. Booleans and floats are rejected: write the token as it appears in the logs.
-- numeric: a number, a numeric string (as in text logs), or null/"" = missing; NaN/inf are rejected.
-A key that a record omits is a missing value; a field that no record of the request has is an error.
+- numeric: a number, a numeric string (as in text logs: exactly what the batch readers accept, see
+  ``data.numbers``; no Unicode digits or spaces), or null/"" = missing; NaN/inf are rejected.
+A key that a record omits is a missing value, whatever the other records hold (sparse features).
 """
 
 from __future__ import annotations
 
 import math
-import re
 import sys
 from typing import Any
 
 import numpy as np
 
+from deepfm.data.numbers import parse_number
 from deepfm.data.preprocess import FNV_OFFSET, FNV_PRIME, Preprocessor, _numeric_transform
-from deepfm.data.readers import NUMERIC_RE
 from deepfm.errors import DeepFMError
 from deepfm.schema import MISSING, N_RESERVED, OOV, Field
 
-_NUMBER = re.compile(NUMERIC_RE)
 _MASK64 = (1 << 64) - 1
 # -_MAX <= x <= _MAX: a finite float, or an int that converts to one (for a larger int, such as the JSON literal
 # 1e400 written out in digits, math.isfinite and float() raise OverflowError)
@@ -75,11 +74,11 @@ def _number(v: Any, row: int, name: str) -> float:
             raise RecordError(row, name, f"non-finite or out-of-range value {v!r:.40}")
         x = float(v)
     elif isinstance(v, str):
-        if not v.strip():
-            return math.nan
-        if not _NUMBER.match(v):
+        x = parse_number(v)  # the batch readers' rule (data.numbers): the same values online and in files
+        if x is None:
             raise RecordError(row, name, f"not a number: {v[:40]!r}")
-        x = float(v)
+        if math.isnan(x):
+            return x
     else:
         raise RecordError(row, name, f"expected a number, got {type(v).__name__}")
     if not math.isfinite(x):
@@ -157,12 +156,6 @@ class RecordEncoder:
         for r, rec in enumerate(records):
             if type(rec) is not dict:
                 raise RecordError(r, "", f"a row must be an object of field: value, got {type(rec).__name__}")
-        if n:
-            present = set(records[0]).union(*records[1:]) if n > 1 else records[0].keys()
-            missing = [s for s in self.sources if s not in present]
-            if missing:
-                raise RecordError(None, missing[0], "required by the model but absent from every row "
-                                  f"({len(missing)} field(s) absent: {', '.join(missing[:8])})")
         cat_plan, num_plan = self._plan()
         c, k = len(self.cat), len(self.num)
         # row by row with the common cases inline (a string token in a vocabulary, a JSON number): a request
