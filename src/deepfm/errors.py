@@ -16,8 +16,9 @@ class BundleError(DeepFMError):
     """A model bundle is missing, corrupt, or of another format version."""
 
 
-class DataError(DeepFMError):
-    """Bad input data. Carries the location so callers and tests can check it."""
+class DataError(DeepFMError, ValueError):
+    """Bad input data. Carries the location so callers and tests can check it. A ValueError too, as
+    scikit-learn and its users expect of bad input."""
 
     def __init__(
         self,

@@ -4,7 +4,10 @@
     p = clf.predict_proba(X_test)[:, 1]
     clf.save("model/");  DeepFMClassifier.load("model/")
 
-X holds raw feature values (strings/numbers as in the logs); the schema is inferred from X unless given.
+X holds raw feature values (strings/numbers as in the logs, Python lists or Arrow list columns for multi-valued
+fields); the schema is inferred from X unless given. With scikit-learn installed the estimator is a real
+``BaseEstimator``/``ClassifierMixin``: ``clone``, ``cross_val_score``, ``GridSearchCV`` and ``Pipeline`` work
+(tests/test_sklearn.py runs scikit-learn's own estimator checks).
 """
 
 from __future__ import annotations
@@ -25,25 +28,96 @@ from deepfm.schema import Schema
 from deepfm.serve import bundle as bundle_mod
 from deepfm.serve.predictor import Predictor
 
+try:  # scikit-learn is optional: without it the estimator keeps the same methods
+    from sklearn.base import BaseEstimator, ClassifierMixin
+    from sklearn.exceptions import DataConversionWarning as _DataConversionWarning
+    from sklearn.exceptions import NotFittedError as _SkNotFitted
+    from sklearn.utils.multiclass import type_of_target
+except ImportError:  # pragma: no cover - exercised only without scikit-learn
+    BaseEstimator = ClassifierMixin = object  # type: ignore[assignment,misc]
+    _SkNotFitted = AttributeError  # type: ignore[assignment,misc]
+    _DataConversionWarning = UserWarning  # type: ignore[assignment,misc]
+    type_of_target = None  # type: ignore[assignment]
+
+
+class NotFittedError(DeepFMError, _SkNotFitted):  # type: ignore[misc,valid-type]
+    """predict/save before fit (scikit-learn's NotFittedError when it is installed)."""
+
 
 def to_arrow(X: Any) -> pa.Table:
-    """pandas / Polars DataFrame, Arrow table or dict of columns -> Arrow table."""
+    """pandas / Polars DataFrame, Arrow table, dict of columns or 2-D array -> Arrow table. A 2-D array's
+    columns are named ``x0, x1, ...``; pandas columns of Python lists become Arrow list columns."""
+    if hasattr(X, "tocsr") or type(X).__module__.startswith("scipy.sparse"):
+        raise DataError("sparse input is not supported: pass a dense array or a DataFrame of raw values "
+                        "(the model one-hot encodes categorical values itself)")
     if isinstance(X, pa.Table):
         return X
     if hasattr(X, "to_arrow"):  # polars
         return X.to_arrow()
     if hasattr(X, "columns") and hasattr(X, "iloc"):  # pandas
-        return pa.Table.from_pandas(X, preserve_index=False)
+        try:
+            return pa.Table.from_pandas(X, preserve_index=False)
+        except (pa.ArrowInvalid, pa.ArrowTypeError) as e:
+            raise DataError(f"cannot convert the DataFrame to columns: {e}") from None
     if isinstance(X, dict):
         return pa.table(X)
-    raise DataError(f"X must be a pandas/Polars DataFrame, an Arrow table or a dict of columns, not {type(X).__name__}")
+    if isinstance(X, (np.ndarray, list)) or hasattr(X, "__array__"):
+        a = np.asarray(X)
+        if a.ndim != 2:
+            raise DataError(f"X must be 2-D (rows x features), got an array of shape {a.shape}. Reshape your "
+                            "data with X.reshape(-1, 1) for a single feature or X.reshape(1, -1) for one row")
+        if a.dtype.kind == "c":
+            raise DataError("Complex data not supported: X must hold numbers or strings")
+        if a.dtype.kind not in "biufUSO":
+            raise DataError(f"X has dtype {a.dtype}: expected numbers or strings")
+        if a.shape[1] == 0:
+            raise DataError(f"Found array with 0 feature(s) (shape={a.shape}) while a minimum of 1 is required.")
+        if a.shape[0] == 0:
+            raise DataError(f"Found array with 0 sample(s) (shape={a.shape}) while a minimum of 1 is required.")
+        return pa.table({f"x{j}": a[:, j] for j in range(a.shape[1])})
+    raise DataError(f"X must be a pandas/Polars DataFrame, an Arrow table, a dict of columns or a 2-D array, "
+                    f"not {type(X).__name__}")
 
 
-class DeepFMClassifier:
+def _has_names(X: Any) -> bool:
+    """Whether X names its columns (a table), as opposed to a bare array."""
+    return isinstance(X, (pa.Table, dict)) or hasattr(X, "to_arrow") or hasattr(X, "columns")
+
+
+def _labels(y: Any, rows: int) -> np.ndarray:
+    if y is None:
+        raise DataError("DeepFMClassifier requires y to be passed, but the target y is None")
+    y = np.asarray(y)
+    if y.ndim == 2 and y.shape[1] == 1:
+        import warnings
+
+        warnings.warn(_DataConversionWarning("A column-vector y was passed when a 1d array was expected: "
+                                             "using y.ravel()"), stacklevel=3)
+        y = y.ravel()
+    if y.ndim != 1:
+        raise DataError(f"y must be 1-D (one label per row), got shape {y.shape}")
+    if y.shape[0] != rows:
+        raise DataError(f"y has {y.shape[0]} rows but X has {rows}")
+    if y.dtype.kind == "f" and not np.isfinite(y).all():
+        raise DataError("y holds NaN or infinite values")
+    return y
+
+
+class DeepFMClassifier(ClassifierMixin, BaseEstimator):
     """DeepFM (or ``model="fm"``/``"lr"``) with scikit-learn conventions: fit / predict_proba / get_params.
 
     Parameters mirror ``deepfm train``: ``preset`` names a config (``default``, ``paper``, ``bars``),
     ``overrides`` are ``section.key=value`` strings, and explicit arguments win over both.
+
+    Fitted attributes: ``classes_`` (the two labels of y, sorted; ``classes_[1]`` is the positive class),
+    ``n_features_in_``, ``feature_names_in_`` (when X has column names), ``history_`` (one dict per
+    validation: epoch, train loss, validation AUC/logloss, as in ``metrics.jsonl``), ``metrics_``,
+    ``training_``, ``model_``, ``preprocessor_``.
+
+    Example::
+
+        >>> from sklearn.model_selection import cross_val_score
+        >>> cross_val_score(DeepFMClassifier(epochs=1), X, y, cv=3, scoring="roc_auc")  # doctest: +SKIP
     """
 
     def __init__(self, model: str = "deepfm", preset: str = "default", schema: Schema | str | None = None,
@@ -75,7 +149,14 @@ class DeepFMClassifier:
             setattr(self, k, v)
         return self
 
-    classes_ = np.array([0, 1])
+    def __sklearn_tags__(self) -> Any:
+        tags = super().__sklearn_tags__()
+        tags.input_tags.string = True  # raw categorical values are the point
+        tags.input_tags.categorical = True
+        tags.input_tags.allow_nan = True  # NaN (a null) is a missing value with its own learned vector
+        if tags.classifier_tags is not None:
+            tags.classifier_tags.multi_class = False  # a click model: binary only
+        return tags
 
     def _schema_for(self, table: pa.Table) -> Schema:
         from deepfm import schema as schema_mod
@@ -89,16 +170,36 @@ class DeepFMClassifier:
         return s.with_overrides(min_count=self.min_count) if self.min_count is not None else s
 
     def fit(self, X: Any, y: Any, eval_set: tuple[Any, Any] | None = None) -> DeepFMClassifier:
-        """Fit preprocessing and the model. Validation: ``eval_set=(X_val, y_val)`` or ``valid_fraction``."""
+        """Fit preprocessing and the model; returns ``self``. Validation: ``eval_set=(X_val, y_val)`` or a
+        seeded ``valid_fraction`` of X. y holds two classes (0/1, booleans or any two labels)."""
         table = to_arrow(X)
+        y = _labels(y, table.num_rows)
+        kind = type_of_target(y) if type_of_target is not None else "binary"
+        if kind == "continuous":
+            raise DataError("Unknown label type: continuous. y must hold two classes (0/1 clicks), not "
+                            "continuous values")
+        classes = np.unique(y)
+        if kind == "multiclass" or classes.shape[0] > 2:
+            raise DataError(f"Only binary classification is supported. The type of the target is {kind} "
+                            f"({classes.shape[0]} classes): DeepFMClassifier predicts click / no click")
+        if classes.shape[0] != 2:
+            raise DataError(f"y has {classes.shape[0]} class(es) {classes[:5].tolist()}: DeepFMClassifier is a "
+                            "binary (click / no click) classifier and needs exactly 2 classes")
+        self.classes_ = classes
+        self.n_features_in_ = table.num_columns
+        if _has_names(X):
+            self.feature_names_in_ = np.asarray(table.column_names, dtype=object)
+        elif hasattr(self, "feature_names_in_"):
+            del self.feature_names_in_
         schema = self._schema_for(table)
-        data = readers.from_arrow(table, schema, np.asarray(y), source="X")
+        data = readers.from_arrow(table, schema, self._binary(y), source="X")
         model_cfg, train_cfg = pipeline.resolve_config(self.preset, list(self.overrides), model=self.model,
                                                        epochs=self.epochs, batch_size=self.batch_size, lr=self.lr,
                                                        seed=self.seed, threads=self.threads)
         if eval_set is not None:
             pre = Preprocessor(schema).fit(data)
-            valid = pre.transform(readers.from_arrow(to_arrow(eval_set[0]), schema, np.asarray(eval_set[1]),
+            xv = to_arrow(eval_set[0])
+            valid = pre.transform(readers.from_arrow(xv, schema, self._binary(_labels(eval_set[1], xv.num_rows)),
                                                      source="eval_set"))
             prep = pipeline.Prepared(pre, pre.transform(data), None, valid, None, {"rows": data.rows})
         else:
@@ -111,28 +212,67 @@ class DeepFMClassifier:
         self.preprocessor_ = pre
         self.training_ = result["training"]
         self.metrics_ = result["metrics"]
+        self.history_ = list(self.training_.get("history", []))
         self.predictor_ = Predictor(bundle_mod.Bundle(self.model_, pre, None, self.training_, self.metrics_, {}),
                                     threads=self.threads)
         return self
 
+    # Pickling (joblib, GridSearchCV with n_jobs) keeps the fitted model and preprocessing and rebuilds the
+    # predictor, whose compiled fast path holds closures. Loading a *bundle* never unpickles anything.
+    def __getstate__(self) -> dict[str, Any]:
+        state = self.__dict__.copy()
+        state.pop("predictor_", None)
+        return state
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        self.__dict__.update(state)
+        if "model_" in state:
+            self.predictor_ = Predictor(bundle_mod.Bundle(self.model_, self.preprocessor_, None, self.training_,
+                                                          self.metrics_, {}), threads=self.threads)
+
+    def _binary(self, y: np.ndarray) -> np.ndarray:
+        """Labels -> 0/1 float (1 = ``classes_[1]``); a label outside ``classes_`` is an error."""
+        known = np.isin(y, self.classes_)
+        if not known.all():
+            bad = y[~known][:3].tolist()
+            raise DataError(f"y holds labels {bad} that are not among the classes {self.classes_.tolist()}")
+        return (y == self.classes_[1]).astype(np.float64)
+
     def _check_fitted(self) -> None:
         if not hasattr(self, "predictor_"):
-            raise DeepFMError("this DeepFMClassifier is not fitted yet: call fit(X, y) first")
+            raise NotFittedError("this DeepFMClassifier is not fitted yet: call fit(X, y) first")
+
+    def _table_for_predict(self, X: Any) -> pa.Table:
+        table = to_arrow(X)
+        if table.num_columns != self.n_features_in_ and not hasattr(self, "feature_names_in_"):
+            raise DataError(f"X has {table.num_columns} features, but DeepFMClassifier is expecting "
+                            f"{self.n_features_in_} features as input")
+        return table
 
     def predict_proba(self, X: Any) -> np.ndarray:
-        """[N, 2] probabilities of class 0 and class 1 (click)."""
+        """[N, 2] probabilities of ``classes_[0]`` and ``classes_[1]`` (the click)."""
         self._check_fitted()
-        p = self.predictor_.predict_table(to_arrow(X))
+        p = self.predictor_.predict_table(self._table_for_predict(X))
         return np.column_stack([1.0 - p, p])
 
+    def decision_function(self, X: Any) -> np.ndarray:
+        """[N] logits (log-odds of ``classes_[1]``), as scikit-learn scorers such as ``roc_auc`` accept."""
+        p = np.clip(self.predict_proba(X)[:, 1], 1e-15, 1 - 1e-15)
+        return np.log(p) - np.log1p(-p)
+
     def predict(self, X: Any, threshold: float = 0.5) -> np.ndarray:
-        return (self.predict_proba(X)[:, 1] >= threshold).astype(np.int64)
+        """The class in ``classes_`` whose probability is at least ``threshold`` (for ``classes_[1]``)."""
+        positive = self.predict_proba(X)[:, 1] >= threshold
+        return self.classes_[positive.astype(np.int64)]
 
     def save(self, path: str | Path) -> Path:
         """Write a bundle (same format as ``deepfm train``); serve it with the CLI or load() it."""
         self._check_fitted()
-        training = {**self.training_, "estimator_params": {k: v for k, v in self.get_params().items()
-                                                           if not isinstance(v, Schema)}}
+        fitted = {"classes": self.classes_.tolist(), "n_features_in": self.n_features_in_}
+        if hasattr(self, "feature_names_in_"):
+            fitted["feature_names_in"] = self.feature_names_in_.tolist()
+        training = {**self.training_, "estimator_fitted": fitted,
+                    "estimator_params": {k: v for k, v in self.get_params().items() if not isinstance(v, Schema)}}
         return bundle_mod.save(path, self.model_, self.preprocessor_, None, training, self.metrics_)
 
     @classmethod
@@ -142,4 +282,13 @@ class DeepFMClassifier:
         clf = cls(**{k: (tuple(v) if k == "overrides" else v) for k, v in params.items()})
         clf.model_, clf.preprocessor_, clf.training_, clf.metrics_ = b.model, b.preprocessor, b.training, b.metrics
         clf.predictor_ = Predictor(b)
+        clf.history_ = list(b.training.get("history", []))
+        fitted = b.training.get("estimator_fitted", {})  # bundles of `deepfm train` have none: labels 0/1
+        clf.classes_ = np.asarray(fitted.get("classes", [0, 1]))
+        clf.n_features_in_ = fitted.get("n_features_in", len(b.preprocessor.schema.fields))
+        names = fitted.get("feature_names_in")
+        if names is None and "estimator_fitted" not in b.training:
+            names = [f.source for f in b.preprocessor.schema.fields]
+        if names is not None:
+            clf.feature_names_in_ = np.asarray(names, dtype=object)
         return clf

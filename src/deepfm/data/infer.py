@@ -45,7 +45,15 @@ def infer_fields(table: pa.Table, exclude: set[str], min_count: int = 1,
             continue
         col = table.column(name)
         if pa.types.is_list(col.type) or pa.types.is_large_list(col.type):
-            raise DataError(f"column {name!r} holds lists: join them into a string and declare a multi field")
+            # A list column is a multi-valued field; the reader joins each list with `sep` before splitting,
+            # so pick a separator that no value contains.
+            values = pc.cast(pc.list_flatten(col), pa.string())
+            sep = next((c for c in ("|", ";", "\x1f") if not pc.any(pc.match_substring(values, c)).as_py()), None)
+            if sep is None:
+                raise DataError(f"column {name!r} holds lists whose values contain '|', ';' and '\\x1f': "
+                                "declare it as a multi field with another sep", field=name)
+            fields.append(Field(name, "multi", sep=sep, min_count=min_count))
+            continue
         non_null = pc.drop_null(pc.cast(col, pa.string()))
         numeric = len(non_null) > 0 and pc.all(pc.match_substring_regex(non_null, NUMERIC_RE)).as_py()
         distinct = pc.count_distinct(non_null).as_py()
