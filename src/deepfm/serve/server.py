@@ -12,7 +12,7 @@ Concurrent requests are micro-batched: each request is validated and encoded on 
 while the previous batch ran (no added wait when idle, bigger batches under load). Limits: rows per
 request (422), body bytes (413), queue wait + compute time (503). SIGHUP reloads the bundle too.
 
-Per connection (the HTTP protocol, :class:`GuardedHttpTools`): the request line and headers must arrive within
+Per connection (the HTTP protocol, ``serve.protocol.GuardedHttpTools``): the request line and headers must arrive within
 ``header_timeout_s`` and the body within ``body_timeout_s`` (else a 408 and the connection closed: a client
 trickling bytes cannot hold it open), an idle keep-alive connection closes after ``keep_alive_s``, headers
 over ``max_header_bytes`` in all are a 431, and connections beyond ``max_connections`` per worker get a 503.
