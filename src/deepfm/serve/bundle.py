@@ -229,11 +229,10 @@ def _check_manifest(d: Path, manifest: dict[str, Any], verify: bool) -> dict[str
         if not (isinstance(digest, str) and len(digest) == 64 and set(digest) <= _HEX):
             raise BundleError(f"{d}: manifest.json: the checksum of {name} is not a SHA-256 hex digest "
                               f"({_clip(digest)})")
-    if verify:
-        for name in REQUIRED_FILES:
-            if name not in files:
-                raise BundleError(f"{d}: manifest.json has no checksum for {name}; every file of the format "
-                                  "must be checksummed, the bundle is damaged or was edited")
+    missing = [name for name in REQUIRED_FILES if name not in files]
+    if verify and missing:
+        raise BundleError(f"{d}: manifest.json has no checksum for {', '.join(missing)}; every file of the "
+                          "format must be checksummed, the bundle is damaged or was edited")
     return files
 
 
@@ -387,12 +386,14 @@ def _check_claims(d: Path, fields: list[FieldSpec], cfg: ModelConfig,
         tables["v.weight"] = (rows, k)
     if "v_dnn.weight" in header:
         tables["v_dnn.weight"] = (rows, k)
+    big = max(fields, key=lambda f: f.size)
     for key, want in tables.items():
         got = header.get(key, (None, None))[1]
         if got != want:
             raise BundleError(
-                f"{d}: model.json and preprocessor.json describe {rows:,} table rows (the sum of the field sizes) "
-                f"and embed_dim {k}: {key} should be {list(want)}, but model.safetensors holds "
+                f"{d}: model.json and preprocessor.json describe {rows:,} table rows (the sum of the field sizes; "
+                f"the largest is {big.name!r} with {big.size:,}) and embed_dim {k}: {key} should be {list(want)}, "
+                f"but model.safetensors holds "
                 f"{'no such tensor' if got is None else list(got)}; the bundle is inconsistent")
     claimed = sum(r * c for r, c in tables.values())
     if use_dnn:
