@@ -175,6 +175,19 @@ def test_export_out_checks(trained, tmp_path):
     assert _leftovers(tmp_path) == []
 
 
+def test_failed_export_check_keeps_the_earlier_export(trained, tmp_path, monkeypatch):
+    pytest.importorskip("onnxruntime")
+    from deepfm.serve import export as E
+
+    out = tmp_path / "m.onnx"
+    assert run("export", trained, "--out", out, "--check-rows", 10).exit_code == 0
+    before = out.read_bytes()
+    monkeypatch.setattr(E, "check_export", lambda *a, **k: 1.0)
+    r = run("export", trained, "--out", out, "--check-rows", 10)
+    assert r.exit_code == 2 and "export check failed" in r.output, r.output
+    assert out.read_bytes() == before and sorted(p.name for p in tmp_path.iterdir()) == ["m.onnx"]
+
+
 def test_compare_and_tune_refuse_a_foreign_folder(synth_small, tmp_path):
     out = tmp_path / "project"
     out.mkdir()

@@ -636,11 +636,15 @@ def export(bundle, fmt, out, check_rows, force) -> None:
         raise DeepFMError(f"--out {path} is inside the bundle {bundle}: write the export beside it")
     outputs.check_file_out(path, lambda p: is_export(p, fmt), f"{fmt} export", force=force, inputs=(bundle,))
     b = load(bundle)
-    (export_onnx if fmt == "onnx" else export_torchscript)(b.model, path)
-    diff = check_export(b.model, path, fmt, rows=check_rows) if check_rows > 0 else float("nan")
-    if np.isfinite(diff) and diff > 1e-5:
-        path.unlink(missing_ok=True)
-        raise DeepFMError(f"export check failed: max |p_{fmt} - p_torch| = {diff:.2e} > 1e-5; nothing written")
+    try:  # written and checked under a temporary name: a failed check leaves an earlier export at --out intact
+        with outputs.locked(path), outputs.atomic_file(path, suffix=path.suffix) as tmp:
+            (export_onnx if fmt == "onnx" else export_torchscript)(b.model, tmp)
+            diff = check_export(b.model, tmp, fmt, rows=check_rows) if check_rows > 0 else float("nan")
+            if np.isfinite(diff) and diff > 1e-5:
+                raise DeepFMError(f"export check failed: max |p_{fmt} - p_torch| = {diff:.2e} > 1e-5; nothing "
+                                  "written")
+    except outputs.WRITE_ERRORS as e:
+        raise outputs.write_error(e, "the export", path) from None
     click.echo(f"wrote {path}; max |p_{fmt} - p_torch| over {check_rows:,} random rows: {diff:.2e}")
 
 
