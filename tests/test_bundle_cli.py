@@ -35,7 +35,8 @@ def trained(synth_small, tmp_path_factory):
 def test_bundle_layout_is_safetensors_and_json_only(trained):
     names = sorted(p.name for p in trained.iterdir())
     assert names == ["manifest.json", "metrics.json", "metrics.jsonl", "model.json", "model.safetensors",
-                     "preprocessor.json", "training.json"]
+                     "preprocessor.json", "train.log", "training.json"]
+    assert "epoch 2/" in (trained / "train.log").read_text()  # the run's log (text), checksummed
     for n in names:
         if n.endswith(".json"):
             json.loads((trained / n).read_text())

@@ -167,6 +167,38 @@ class _Commands(click.Group):
                 return None
         return super().get_command(ctx, name)
 
+    def main(self, args: Any = None, *rest: Any, **kwargs: Any) -> Any:
+        """click's main; and when it runs as the process itself (no ``args``: the console script, ``python -m
+        deepfm``), an error exit ends without the C++ static destructors. Native worker pools (Arrow's, OpenMP)
+        still winding down there abort a busy machine's run after its clean error line: "terminate called
+        without an active exception", exit 134 instead of 2. Python's exit handlers still run first."""
+        if args is not None:  # in-process callers (CliRunner, scripts) keep the normal exit
+            return super().main(args, *rest, **kwargs)
+        try:
+            return super().main(args, *rest, **kwargs)
+        except SystemExit as e:
+            if e.code is None or e.code == 0:
+                raise
+            _error_exit(e.code)
+
+
+def _error_exit(code: object) -> None:
+    """Exit with ``code`` after the atexit handlers (logging, temporary files) and flushed output, but
+    without interpreter teardown, where native threads alive at exit can abort the process."""
+    import atexit
+    import os
+
+    if not isinstance(code, int):
+        print(code, file=sys.stderr)
+        code = 1
+    atexit._run_exitfuncs()
+    for stream in (sys.stdout, sys.stderr):
+        try:
+            stream.flush()
+        except (OSError, ValueError):
+            pass
+    os._exit(code)
+
     def invoke(self, ctx: click.Context) -> Any:
         """Every user mistake ends as one ``error: ...`` line and exit status 2: a bad option value or usage
         (click's three-line usage message), and any library error (DeepFMError and its subclasses in

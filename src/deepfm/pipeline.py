@@ -332,6 +332,44 @@ def encode_file(path: str | Path, fmt: str, pre: Preprocessor, on_bad_rows: str 
     return enc
 
 
+# train.wide_start "auto": below this many training rows (docs/quality.md: on the 8-9k-row Criteo and Avazu
+# samples the MLP overfits within 2-3 epochs, before the first-order weights have converged, and DeepFM lost
+# to LR by 0.02-0.03 AUC)
+AUTO_WIDE_START_ROWS = 20_000
+
+
+def wide_start(model: CTRModel, prepared: Prepared, train_cfg: TrainConfig) -> dict[str, Any] | None:
+    """``train.wide_start``: fit LR (the same options, ``model: lr``) with early stopping, copy its first-order
+    weights and bias into ``model`` and zero the MLP's output layer, so that training starts from the LR
+    solution and (validated first) keeps the FM/MLP terms only where they beat it. None when it does not apply:
+    off, no validation set, or a model without a first-order part and FM/MLP terms (or not a CTRModel)."""
+    mode, rows = train_cfg.wide_start, train_row_count(prepared)
+    if not (mode is True or (mode == "auto" and rows < AUTO_WIDE_START_ROWS)) or prepared.valid is None:
+        return None
+    if type(model) is not CTRModel or model.w is None or (model.v is None and model.dnn is None):
+        return None
+    fields = prepared.fields
+    lr_model = build_model(fields, ModelConfig.from_dict({**model.cfg.to_dict(), "model": "lr"}), rows)
+    lr_cfg = TrainConfig.from_dict({**train_cfg.to_dict(), "wide_start": False})
+    hist = fit(lr_model, batcher(prepared.train, fields), lr_cfg, prepared.train_rows,
+               batcher(prepared.valid, fields), prepared.valid_rows, None, False)
+    with torch.no_grad():
+        model.w.weight.copy_(lr_model.w.weight)
+        model.bias.copy_(lr_model.bias)
+        if model.dnn is not None:
+            last = [m for m in model.dnn.modules() if isinstance(m, torch.nn.Linear)][-1]
+            last.weight.zero_()
+            last.bias.zero_()
+    best = hist[-1].get("best_epoch") if hist else None
+    log(f"wide start: LR trained {len(hist)} epochs (kept epoch {best}); training {model.cfg.model} from it")
+    return {"lr_epochs": len(hist), "lr_best_epoch": best}
+
+
+def train_row_count(prepared: Prepared) -> int:
+    """Training rows (without the validation rows split off), what the data-size rules look at."""
+    return int(len(prepared.train_rows)) if prepared.train_rows is not None else int(prepared.train.rows)
+
+
 def resolve_config(preset: str = "default", overrides: list[str] | None = None,
                    **direct: Any) -> tuple[ModelConfig, TrainConfig]:
     """Preset file, then ``section.key=value`` overrides, then direct keyword options (None = unset)."""
@@ -405,7 +443,8 @@ def _train(
 ) -> tuple[CTRModel, dict[str, Any]]:
     seed_everything(train_cfg.seed)
     fields = prepared.fields
-    model = build_model(fields, model_cfg)
+    model = build_model(fields, model_cfg, train_row_count(prepared))
+    model_cfg = model.cfg  # the data-size rules resolved (batch_norm: auto), as the bundle records them
     lineage = None
     if init_from is not None:
         counts = warm_start(model, init_from.model)
@@ -436,9 +475,11 @@ def _train(
     run_log = out.parent / f"{out.name}.train.log" if out is not None and dist.rank() == 0 else None
     t0 = time.perf_counter()
     with log_to(run_log, append=resume):
+        started = wide_start(model, prepared, train_cfg)
         history = fit(model, batcher(prepared.train, fields), train_cfg, prepared.train_rows,
                       batcher(prepared.valid, fields) if prepared.valid is not None else None,
-                      prepared.valid_rows, log_path, progress, None, checkpoints, resume)
+                      prepared.valid_rows, log_path, progress, None, checkpoints, resume,
+                      validate_first=started is not None)
     if dist.rank() != 0:  # rank 0 scores and writes the bundle; the other ranks are done
         return model, {"metrics": {}, "training": {}}
     metrics: dict[str, Any] = {}
@@ -451,6 +492,8 @@ def _train(
         "data": {**prepared.info, **(extra_info or {})}, "train_seconds": time.perf_counter() - t0,
         "best_epoch": history[-1].get("best_epoch") if history else None,
     }
+    if started is not None:
+        training["wide_start"] = started
     if lineage is not None:
         training["lineage"] = lineage
     if out is not None:  # replaces the folder, checkpoints included: the run is complete

@@ -219,6 +219,9 @@ def _check_manifest(d: Path, manifest: dict[str, Any], verify: bool) -> dict[str
         raise BundleError(f"{d}: bundle format version {_clip(version)} is not supported by deepfm {__version__} "
                           f"(which reads version {FORMAT_VERSION}); re-train or use the deepfm version that "
                           f"wrote it ({_clip(manifest.get('deepfm_version'))})")
+    for key in ("deepfm_version", "created", "model", "data_format"):  # what `deepfm info` and /v1/metadata show
+        if not isinstance(manifest.get(key), str) and not (key == "data_format" and manifest.get(key) is None):
+            raise BundleError(f"{d}: manifest.json: {key!r} must be a string, got {_clip(manifest.get(key))}")
     files = manifest.get("files", {})
     if not isinstance(files, dict):
         raise BundleError(f"{d}: manifest.json 'files' must be a mapping of file name to SHA-256, "
