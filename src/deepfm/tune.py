@@ -137,12 +137,12 @@ def run_trial(prepared: Any, model_cfg: ModelConfig, train_cfg: TrainConfig,
     """Train as ``pipeline.train`` does without an output folder, with ``on_epoch`` called after each epoch
     (the pruner's hook). Returns {"valid": metrics of the restored best epoch, "history": per-epoch records}."""
     from deepfm.models.ctr import build_model
-    from deepfm.pipeline import batcher, score
+    from deepfm.pipeline import batcher, score, train_row_count
     from deepfm.train.trainer import fit, seed_everything
 
     seed_everything(train_cfg.seed)
     fields = prepared.fields
-    model = build_model(fields, model_cfg)
+    model = build_model(fields, model_cfg, train_row_count(prepared))
     history = fit(model, batcher(prepared.train, fields), train_cfg, prepared.train_rows,
                   batcher(prepared.valid, fields), prepared.valid_rows, None, progress, on_epoch)
     return {"valid": score(model, prepared.valid, fields, prepared.valid_rows), "history": history}

@@ -1,5 +1,7 @@
-"""The training loop: seeded shuffling, slicing batches from the store, early stopping on validation AUC
-with the best weights restored, optional LR reduction on plateau, a progress bar and a JSONL log."""
+"""The training loop: seeded shuffling, slicing batches from the store, early stopping on the monitored
+validation metric (AUC, or AUC - logloss; -logloss when the validation rows have one class) with the best
+weights restored, optional LR reduction on plateau, a stop at the first NaN/inf loss, a progress bar, a
+JSONL log and the run's log lines (logger ``deepfm.train``; ``log_to`` writes them to train.log)."""
 
 from __future__ import annotations
 
