@@ -241,6 +241,7 @@ def test_a_locked_output_is_refused_with_the_holders_pid(trained, synth_small, t
     assert _leftovers(tmp_path) == []
 
 
+@pytest.mark.slow
 def test_concurrent_predicts_to_one_out_never_mix(trained, synth_small, tmp_path):
     lines = (synth_small / "test.tsv").read_text().splitlines(keepends=True)
     big = tmp_path / "big.tsv"
@@ -277,22 +278,10 @@ def test_outputs_follow_the_umask(trained, synth_small, tmp_path):
     assert stat.S_IMODE((tmp_path / "t.txt").stat().st_mode) == 0o644
 
 
-def test_checkpoint_folders_follow_the_umask(prepared, tmp_path, monkeypatch):
-    seen = []
-    real = ck.Checkpointer.save
-
-    def save(self, *a, **k):
-        path = real(self, *a, **k)
-        seen.append(stat.S_IMODE(path.stat().st_mode))
-        return path
-
-    monkeypatch.setattr(ck.Checkpointer, "save", save)
-    old = os.umask(0o022)
-    try:
-        pipeline.train(prepared, *_configs(), tmp_path / "b", "criteo", progress=False)
-    finally:
-        os.umask(old)
-    assert seen and set(seen) == {0o755}
+def test_checkpoint_folders_follow_the_umask(crashed):
+    _, saved = crashed
+    assert all(stat.S_IMODE(c.stat().st_mode) == 0o755 for c in saved)
+    assert all(stat.S_IMODE(f.stat().st_mode) == 0o644 for c in saved for f in c.iterdir())
 
 
 # ------------------------------------------------------------------ item 17: SIGTERM / SIGINT
@@ -343,7 +332,8 @@ def test_disk_full_in_safetensors_is_a_clear_error(prepared, tmp_path, monkeypat
     monkeypatch.undo()
     monkeypatch.setattr(B, "save_file", full)  # the bundle write
     with pytest.raises(DeepFMError, match="disk full while writing the bundle"):
-        pipeline.train(prepared, *_configs(["train.checkpoint_every=0"]), tmp_path / "c", "criteo", progress=False)
+        pipeline.train(prepared, *_configs(["train.checkpoint_every=0", "train.epochs=1"]), tmp_path / "c", "criteo",
+                       progress=False)
     assert not (tmp_path / "c" / "manifest.json").exists() and _leftovers(tmp_path) == []
 
 
@@ -380,13 +370,15 @@ def test_disk_full_while_caching_is_a_clear_error(synth_small, tmp_path, monkeyp
 
 
 # ------------------------------------------------------------------ item 13: damaged state.json
-@pytest.mark.parametrize("damage", ["value", "not-an-object", "no-fingerprint"])
-def test_damaged_state_json_falls_back_to_the_previous_checkpoint(prepared, tmp_path, monkeypatch, capsys, damage):
+class Crash(Exception):
+    pass
+
+
+@pytest.fixture(scope="module")
+def crashed(prepared, tmp_path_factory):
+    """A run killed right after its 3rd checkpoint (written under umask 022): (out, checkpoint folders)."""
     saved: list[Path] = []
     real = ck.Checkpointer.save
-
-    class Crash(Exception):
-        pass
 
     def save(self, *a, **k):
         saved.append(real(self, *a, **k))
@@ -394,13 +386,29 @@ def test_damaged_state_json_falls_back_to_the_previous_checkpoint(prepared, tmp_
             raise Crash()
         return saved[-1]
 
-    monkeypatch.setattr(ck.Checkpointer, "save", save)
+    out = tmp_path_factory.mktemp("crashed") / "b"
+    mp = pytest.MonkeyPatch()
+    mp.setattr(ck.Checkpointer, "save", save)
+    old = os.umask(0o022)
+    try:
+        with pytest.raises(Crash):
+            pipeline.train(prepared, *_configs(), out, "criteo", progress=False)
+    finally:
+        os.umask(old)
+        mp.undo()
+    return out, saved[-2:]  # the 2 kept
+
+
+@pytest.mark.parametrize("damage", ["value", "not-an-object", "no-fingerprint"])
+def test_damaged_state_json_falls_back_to_the_previous_checkpoint(crashed, tmp_path, damage):
+    import shutil
+
+    src, (previous, newest) = crashed
     out = tmp_path / "b"
-    with pytest.raises(Crash):
-        pipeline.train(prepared, *_configs(), out, "criteo", progress=False)
-    monkeypatch.undo()
-    state = saved[-1] / "state.json"
+    shutil.copytree(src, out)
+    state = out / "checkpoints" / newest.name / "state.json"
     meta = json.loads(state.read_text())
+    fp = meta["fingerprint"]
     if damage == "value":  # still valid JSON, one number changed: only state.json's own checksum sees it
         meta["position"]["loss_sum"] += 1.0
         state.write_text(json.dumps(meta))
@@ -409,7 +417,22 @@ def test_damaged_state_json_falls_back_to_the_previous_checkpoint(prepared, tmp_
     else:
         del meta["fingerprint"]
         state.write_text(json.dumps(meta))
+    warned: list[str] = []
+    found = ck.Checkpointer(out / "checkpoints", fp).latest(warn=warned.append)
+    assert found is not None and found[0].name == previous.name
+    assert warned and f"skipping damaged checkpoint {newest.name}" in warned[0]
+
+
+def test_resume_past_a_damaged_state_json_completes(crashed, prepared, tmp_path, capsys):
+    import shutil
+
+    src, (_, newest) = crashed
+    out = tmp_path / "b"
+    shutil.copytree(src, out)
+    state = out / "checkpoints" / newest.name / "state.json"
+    meta = json.loads(state.read_text())
+    meta["position"]["step"] += 1
+    state.write_text(json.dumps(meta))
     pipeline.train(prepared, *_configs(), out, "criteo", progress=False, resume=True)
-    err = capsys.readouterr().err
-    assert f"skipping damaged checkpoint {saved[-1].name}" in err
+    assert f"skipping damaged checkpoint {newest.name}" in capsys.readouterr().err
     B.load(out)

@@ -85,16 +85,31 @@ def publish_dir(tmp: Path, target: Path) -> None:
     """Rename the finished folder ``tmp`` to ``target``; an existing ``target`` (checked by the caller with
     :func:`check_dir_out`) is moved to a unique sibling first and deleted after."""
     old = None
-    if target.exists() or target.is_symlink():
-        old = Path(tempfile.mkdtemp(prefix=f".{target.name}.old-", dir=target.parent))
-        os.replace(target, old)  # rename over the empty placeholder folder
-    os.replace(tmp, target)
+    with _signals_deferred():  # a SIGTERM between the two renames would leave no folder at target
+        if target.exists() or target.is_symlink():
+            old = Path(tempfile.mkdtemp(prefix=f".{target.name}.old-", dir=target.parent))
+            os.replace(target, old)  # rename over the empty placeholder folder
+        os.replace(tmp, target)
     if old is not None:
         if old.is_symlink() or not old.is_dir():
             old.unlink()
         else:
             shutil.rmtree(old, ignore_errors=True)
     fsync_dir(target.parent)
+
+
+@contextlib.contextmanager
+def _signals_deferred() -> Iterator[None]:
+    """Hold SIGTERM/SIGINT back for a few system calls that must not be cut in two (delivered right after)."""
+    sigs = {signal.SIGTERM, signal.SIGINT}
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    old = signal.pthread_sigmask(signal.SIG_BLOCK, sigs)
+    try:
+        yield
+    finally:
+        signal.pthread_sigmask(signal.SIG_SETMASK, old)
 
 
 @contextlib.contextmanager
@@ -167,9 +182,12 @@ def locked(path: str | Path, flag: str = "--out") -> Iterator[None]:
 
 
 def _acquire(lp: Path, path: Path, flag: str) -> int:
-    lp.parent.mkdir(parents=True, exist_ok=True)
     while True:
-        fd = os.open(lp, os.O_RDWR | os.O_CREAT, 0o666)
+        try:
+            lp.parent.mkdir(parents=True, exist_ok=True)
+            fd = os.open(lp, os.O_RDWR | os.O_CREAT, 0o666)
+        except OSError as e:
+            raise write_error(e, "the lock file", lp) from None
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
