@@ -386,6 +386,38 @@ def test_a_worker_that_cannot_follow_rolls_every_worker_back(bundles, tmp_path, 
         assert c1.get("/healthz").json()["consistent"] is True
 
 
+def test_a_worker_whose_follow_up_load_failed_retries(bundles, tmp_path, monkeypatch):
+    """A published reload (as SIGHUP publishes it: no worker waits on it) whose first load fails in one
+    worker: that worker retries (it kept the old model for good before), and both end on the new version."""
+    testclient = pytest.importorskip("fastapi.testclient")
+    import deepfm.serve.server as server_mod
+
+    real = server_mod.Predictor
+    loads: list[str] = []
+
+    def flaky(path, **kw):
+        loads.append(str(path))
+        if loads.count(str(bundles[1])) == 1:
+            raise DataError("a transient failure")
+        return real(path, **kw)
+
+    control = tmp_path / "control.json"
+    server_mod.write_control(str(control), str(bundles[0]), 0)
+    cfg = server_mod.ServeConfig(bundle=str(bundles[0]), control=str(control), workers=2, reload_timeout_s=20)
+    apps = [server_mod.create_app(cfg, predictor=real(bundles[0])) for _ in range(2)]
+    monkeypatch.setattr(server_mod, "Predictor", flaky)
+    v_b = real(bundles[1]).model_info["version"]
+    with testclient.TestClient(apps[0]) as c1, testclient.TestClient(apps[1]) as c2:
+        server_mod.write_control(str(control), str(bundles[1]), 1)
+        deadline = time.time() + 20
+        while time.time() < deadline and {c.get("/healthz").json()["model"]["version"] for c in (c1, c2)} != {v_b}:
+            time.sleep(0.2)
+        health = [c.get("/healthz").json() for c in (c1, c2)]
+        assert {h["model"]["version"] for h in health} == {v_b}, health
+        assert sum(h["counters"].get("follow_failures", 0) for h in health) >= 1
+        assert loads.count(str(bundles[1])) >= 3 and health[0]["consistent"] is True
+
+
 # ------------------------------------------------------------------ item 14: the port
 @pytest.mark.parametrize("port", ["70000", "0", "-1"])
 def test_port_out_of_range_is_exit_2(bundles, port):

@@ -408,8 +408,9 @@ def create_app(cfg: ServeConfig, predictor: Predictor | None = None) -> Any:
                              "error": state["error"]})
 
     def switch(path: str, p: Predictor, gen: int) -> None:
-        if state["predictor"] is not p:
+        if state["predictor"] is not p and cfg.control:  # kept while a rollback may come (then dropped: memory)
             state["previous"] = (state["bundle"], state["predictor"])
+            state["previous_until"] = time.monotonic() + cfg.reload_timeout_s + 10
         state.update(predictor=p, bundle=path, loaded=time.time(), generation=gen, error=None)
         report()
         log.info("serving %s (%s), generation %d", Path(path).name, p.model_info["version"], gen)
@@ -482,6 +483,8 @@ def create_app(cfg: ServeConfig, predictor: Predictor | None = None) -> Any:
         retry_at, delay = 0.0, 1.0
         while True:
             await asyncio.sleep(0.5)
+            if state["previous"] is not None and time.monotonic() > state["previous_until"]:
+                state["previous"] = None
             c = read_control(cfg.control)
             if int(c.get("generation", 0)) <= state["generation"] or time.monotonic() < retry_at:
                 continue
