@@ -202,6 +202,8 @@ CORPUS: dict[str, tuple[Callable[[Path], None], str]] = {
     "files_path_outside": (edit_json("manifest.json", _set(["files", "../x.json"], "0" * 64)),
                            "not a file name in the bundle"),
     "format_version_a_list": (edit_json("manifest.json", _set(["format_version"], [1])), "format version"),
+    "manifest_no_created": (edit_json("manifest.json", _del(["created"])), "manifest.json: 'created' must be"),
+    "manifest_model_a_list": (edit_json("manifest.json", _set(["model"], [])), "manifest.json: 'model' must be"),
     # model.json (item 13)
     "model_no_fields": (edit_json("model.json", _del(["fields"])), "model.json.*fields"),
     "model_no_config": (edit_json("model.json", _del(["config"])), "model.json.*config"),
@@ -318,8 +320,9 @@ def test_tampered_bundle_is_one_clear_bundle_error(trained, tmp_path, name, no_m
     assert re.search(CORPUS[name][1], msg, re.S), f"{name}: {msg!r} does not match {CORPUS[name][1]!r}"
 
 
-@pytest.mark.parametrize("name", ["files_an_int", "embed_dim_negative", "vocabulary_missing", "header_not_json",
-                                  "nan_weight", "metrics_symlink_dev_zero", "buckets_3e7", "model_fifo"])
+@pytest.mark.parametrize("name", ["files_an_int", "manifest_no_created", "embed_dim_negative", "vocabulary_missing",
+                                  "header_not_json", "nan_weight", "metrics_symlink_dev_zero", "buckets_3e7",
+                                  "model_fifo"])
 @pytest.mark.parametrize("command", ["info", "predict", "evaluate"])
 def test_cli_says_one_error_line_exit_2(trained, data, tmp_path, name, command):
     d = tampered(trained, tmp_path, name)
