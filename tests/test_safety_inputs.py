@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 import time
@@ -163,7 +164,7 @@ def test_error_exit_is_clean_under_cpu_contention(tmp_path):
     data.write_text("y,a,x\n" + "".join(f"{i % 2},v{i % 97},{i * 0.5}\n" for i in range(20000)))
     cmd = [sys.executable, "-m", "deepfm", "train", "--format", "csv", "--schema", str(schema), "--train",
            str(data), "--out", str(tmp_path / "o"), "--quiet", "--no-cache"]
-    load = _busy(2 * (os.cpu_count() or 1))
+    load = _busy(os.cpu_count() or 1)
     try:
         for _ in range(6):
             r = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
@@ -174,6 +175,55 @@ def test_error_exit_is_clean_under_cpu_contention(tmp_path):
         for p in load:
             p.kill()
             p.wait()
+
+
+NATIVE_POOL = r"""
+#include <chrono>
+#include <thread>
+// a native worker still running at exit, as a thread pool's may be on a busy machine: destroying a joinable
+// std::thread in the static destructors calls std::terminate ("terminate called without an active exception")
+static std::thread worker([] { for (;;) std::this_thread::sleep_for(std::chrono::seconds(1)); });
+"""
+
+
+def test_error_exit_is_2_even_with_a_native_thread_alive_at_exit(tmp_path):
+    """The deterministic form of the abort under load: a native library whose worker thread is alive when
+    the process exits. The CLI's error exit must still be the clean line and status 2, not 134."""
+    cxx = next((c for c in ("g++", "c++", "clang++") if shutil.which(c)), None)
+    if cxx is None:
+        pytest.skip("no C++ compiler")
+    lib = tmp_path / "libpool.so"
+    src = write(tmp_path / "pool.cc", NATIVE_POOL)
+    subprocess.run([cxx, "-shared", "-fPIC", "-O1", str(src), "-o", str(lib), "-pthread"], check=True, timeout=120)
+    schema = write(tmp_path / "s.yaml", b"label: y\nfields: [a, zz]\n")
+    data = write(tmp_path / "f.csv", b"y,a\n1,p\n0,q\n")
+    argv = ["deepfm", "train", "--format", "csv", "--schema", str(schema), "--train", str(data), "--out",
+            str(tmp_path / "o"), "--quiet", "--no-cache"]
+    code = f"import ctypes, sys; ctypes.CDLL({str(lib)!r}); sys.argv = {argv!r}; from deepfm.cli import main; main()"
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert r.returncode == 2, (r.returncode, r.stderr[-2000:])
+    assert "terminate called" not in r.stderr
+    assert r.stderr.strip().splitlines()[-1].startswith("error: ") and "'zz'" in r.stderr
+
+
+def test_an_abandoned_prefetch_thread_is_joined_before_interpreter_teardown(tmp_path):
+    """The consumer raised with the loader mid-way (the generator is kept alive by the traceback): the
+    prefetch thread must stop and be joined when the interpreter exits, not be left running (a daemon thread)
+    inside numpy/torch through the teardown, where it can abort the process."""
+    code = """
+import atexit, threading, time
+from deepfm.train.trainer import Prefetcher
+atexit.register(lambda: print("alive at exit:", [t.name for t in threading.enumerate()], flush=True))
+def make(step):
+    time.sleep(0.01)
+    return step
+it = iter(Prefetcher(make, 10**6, depth=2))
+next(it)
+raise SystemExit(3)
+"""
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert r.returncode == 3, r.stderr[-2000:]
+    assert "alive at exit:" in r.stdout and "deepfm-prefetch" not in r.stdout, r.stdout
 
 
 # --------------------------------------------------------------------------- 19: predict scores every row
