@@ -403,7 +403,7 @@ def _fuzz_load(trained: Path, d: Path, name: str, data: bytes, seal: bool) -> No
         pass  # a project error is what a damaged bundle must give; anything else fails the test
 
 
-@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(name=st.sampled_from(["manifest.json", "model.json", "preprocessor.json"]), edits=EDITS,
        cut=st.none() | st.integers(0, 4000))
 def test_fuzz_json_files_raise_only_project_errors(trained, fuzz_dir, name, edits, cut):
@@ -411,7 +411,7 @@ def test_fuzz_json_files_raise_only_project_errors(trained, fuzz_dir, name, edit
     _fuzz_load(trained, fuzz_dir, name, _mutate(raw, edits, cut), seal=True)
 
 
-@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(edits=st.lists(st.tuples(st.integers(0, 600), st.integers(0, 255)), min_size=1, max_size=4),
        tail=st.booleans())
 def test_fuzz_weights_header_raises_only_project_errors(trained, fuzz_dir, edits, tail):
