@@ -52,6 +52,7 @@ def test_one_class_validation_trains_and_saves_a_bundle_with_a_warning(synth_sma
     _no_traceback(r)
     assert r.exit_code == 0, r.output
     assert "validation AUC is undefined" in r.output and "monitors -logloss instead" in r.output
+    assert "valid: AUC undefined (one class)" in r.output  # the summary line, not "AUC nan"
     b = load(out)  # verifies every checksum, train.log's included
     history = b.training["history"]
     assert [h["valid_monitor"] for h in history] == ["-logloss", "-logloss"]

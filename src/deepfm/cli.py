@@ -167,6 +167,18 @@ class _Commands(click.Group):
                 return None
         return super().get_command(ctx, name)
 
+    def invoke(self, ctx: click.Context) -> Any:
+        """Every user mistake ends as one ``error: ...`` line and exit status 2: a bad option value or usage
+        (click's three-line usage message), and any library error (DeepFMError and its subclasses in
+        deepfm.errors) that a command did not already turn into one."""
+        try:
+            return super().invoke(ctx)
+        except click.UsageError as e:
+            where = f" (see '{e.ctx.command_path} --help')" if e.ctx is not None else ""
+            raise _OneLine(e.format_message() + where) from None
+        except DeepFMError as e:
+            raise _OneLine(str(e)) from None
+
     def main(self, args: Any = None, *rest: Any, **kwargs: Any) -> Any:
         """click's main; and when it runs as the process itself (no ``args``: the console script, ``python -m
         deepfm``), an error exit ends without the C++ static destructors. Native worker pools (Arrow's, OpenMP)
@@ -198,18 +210,6 @@ def _error_exit(code: object) -> None:
         except (OSError, ValueError):
             pass
     os._exit(code)
-
-    def invoke(self, ctx: click.Context) -> Any:
-        """Every user mistake ends as one ``error: ...`` line and exit status 2: a bad option value or usage
-        (click's three-line usage message), and any library error (DeepFMError and its subclasses in
-        deepfm.errors) that a command did not already turn into one."""
-        try:
-            return super().invoke(ctx)
-        except click.UsageError as e:
-            where = f" (see '{e.ctx.command_path} --help')" if e.ctx is not None else ""
-            raise _OneLine(e.format_message() + where) from None
-        except DeepFMError as e:
-            raise _OneLine(str(e)) from None
 
 
 class _OneLine(click.ClickException):
@@ -341,7 +341,8 @@ def train(fmt, train_path, valid_path, valid_fraction, test_path, schema_path, o
     if not lead:
         return
     for split, m in result["metrics"].items():
-        click.echo(f"{split}: AUC {m['auc']:.4f}  logloss {m['logloss']:.4f}  calibration "
+        auc = f"{m['auc']:.4f}" if m["auc"] == m["auc"] else "undefined (one class)"
+        click.echo(f"{split}: AUC {auc}  logloss {m['logloss']:.4f}  calibration "
                    f"{m['calibration']:.3f}  rows {m['rows']:,}")
     click.echo(f"bundle written to {out}")
 
