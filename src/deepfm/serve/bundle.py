@@ -22,6 +22,7 @@ import json
 import math
 import mmap
 import os
+import reprlib
 import shutil
 import stat
 import time
@@ -134,7 +135,7 @@ _FIELD_KINDS = ("cat", "num", "multi")
 
 
 def _clip(value: Any, n: int = 80) -> str:
-    text = repr(value)
+    text = reprlib.repr(value)  # bounded: never the repr of a whole 16 MB value
     return text if len(text) <= n else text[:n] + "..."
 
 
