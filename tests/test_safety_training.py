@@ -113,6 +113,37 @@ def test_nan_loss_keeps_the_last_good_checkpoint(synth_small, tmp_path, monkeypa
     assert not (out / "manifest.json").exists()
 
 
+def test_a_nan_weight_is_never_checkpointed(synth_small, tmp_path, monkeypatch):
+    """A weight that turns NaN while the batch losses stay finite (a row no batch uses) is caught before the
+    next checkpoint: the newest checkpoint is the last finite one."""
+    from safetensors.torch import load_file
+
+    from deepfm.train.trainer import DivergedError
+
+    prepared = pipeline.prepare(synth_small / "train.tsv", "criteo", None, synth_small / "valid.tsv", seed=3,
+                                use_cache=False)
+    model_cfg, train_cfg = pipeline.resolve_config("paper", [
+        "model.hidden=[16]", "train.batch_size=256", "train.epochs=2", "train.checkpoint_every=4"])
+    real, calls = torch.optim.Adam.step, []
+
+    def step(self, *args, **kwargs):
+        out = real(self, *args, **kwargs)
+        calls.append(1)
+        if len(calls) == 6:
+            with torch.no_grad():
+                self.param_groups[0]["params"][-1].view(-1)[-1] = float("nan")
+        return out
+
+    monkeypatch.setattr(torch.optim.Adam, "step", step)
+    out = tmp_path / "m"
+    with pytest.raises(DivergedError, match="NaN|nan"):
+        pipeline.train(prepared, model_cfg, train_cfg, out, "criteo", progress=False)
+    found = ck.Checkpointer(out / "checkpoints", "").list()
+    assert [p.name for p in found][-1] == "step-000000004"
+    state = load_file(str(found[-1] / "state.safetensors"))
+    assert all(bool(torch.isfinite(t).all()) for t in state.values() if t.dtype.is_floating_point)
+
+
 # ----------------------------------------------------------------------------------------- 20.4 reporting
 def test_epoch_lines_best_so_far_early_stop_and_train_log(synth_small, tmp_path):
     out = tmp_path / "m"
