@@ -57,6 +57,23 @@ def test_cache_is_not_reused_for_a_rewrite_with_the_same_size_and_mtime(tmp_path
     np.testing.assert_array_equal(second.train.label, 1 - labels)  # trains on the new labels
 
 
+def test_cache_write_uses_its_own_temporary_folder(tmp_path):
+    """Two runs encoding the same data at once: each writes its own temporary folder (the fixed name
+    ``.KEY.tmp`` let one run delete and publish the other's half-written entry)."""
+    data, cache = tmp_path / "d.csv", tmp_path / "cache"
+    _csv(data, (np.arange(100) % 2 == 0).astype(int))
+    pipeline.prepare(data, "csv", CSV_SCHEMA, valid_fraction=0.2, cache_dir=cache)
+    (entry,) = [p for p in cache.iterdir() if not p.name.startswith(".")]
+    shutil.rmtree(entry)
+    other = cache / f".{entry.name}.tmp"  # another run's folder, mid-write
+    other.mkdir()
+    write(other / "half-written", b"x")
+    again = pipeline.prepare(data, "csv", CSV_SCHEMA, valid_fraction=0.2, cache_dir=cache)
+    assert (other / "half-written").read_bytes() == b"x", "the other run's temporary folder is left alone"
+    assert (entry / "done").exists() and again.train.rows == 100
+    assert [p.name for p in cache.iterdir() if p.name.startswith(".")] == [other.name], "no temporary left"
+
+
 def test_file_identity_follows_the_bytes(tmp_path):
     a = write(tmp_path / "a.tsv", b"1\tx\n0\ty\n")
     before = file_identity(a)
