@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import json
 import reprlib
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any
 
@@ -112,6 +112,7 @@ class Schema:
     fields: tuple[Field, ...]
     label: str = "label"
     negative_label: int = 0  # libFM data uses -1 for negatives
+    label_map: tuple[tuple[str, int], ...] = ()  # text label -> 1/0, e.g. (("yes", 1), ("no", 0))
     meta: dict[str, Any] = field(default_factory=dict, compare=False)
 
     def __post_init__(self) -> None:
@@ -131,6 +132,8 @@ class Schema:
         out: dict[str, Any] = {"label": self.label}
         if self.negative_label != 0:
             out["negative_label"] = self.negative_label
+        if self.label_map:
+            out["label_map"] = dict(self.label_map)
         out["fields"] = [f.to_dict() for f in self.fields]
         return out
 
@@ -143,7 +146,7 @@ class Schema:
                 if k == "min_count" or (k == "hash_buckets" and f.encoded_kind != "num"):
                     d[k] = v
             new.append(Field(**d))
-        return Schema(fields=tuple(new), label=self.label, negative_label=self.negative_label)
+        return replace(self, fields=tuple(new))
 
     def save(self, path: str | Path) -> None:
         path = Path(path)
@@ -206,7 +209,7 @@ def from_dict(data: Any, source: str = "schema") -> Schema:
     """Build and validate a Schema from a parsed YAML/JSON document."""
     if not isinstance(data, dict):
         raise SchemaError(f"{source}: expected a mapping with 'label' and 'fields', got {type(data).__name__}")
-    unknown = set(data) - {"label", "fields", "negative_label", "defaults", "format"}
+    unknown = set(data) - {"label", "fields", "negative_label", "label_map", "defaults", "format"}
     if unknown:
         raise SchemaError(f"{source}: unknown top-level key(s) {short(sorted(unknown, key=str))}")
     raw_fields = data.get("fields")
@@ -240,9 +243,33 @@ def from_dict(data: Any, source: str = "schema") -> Schema:
     if neg not in (0, -1):
         raise SchemaError(f"{source}: negative_label must be 0 or -1, got {short(neg)}")
     try:
-        return Schema(fields=tuple(out), label=label, negative_label=neg, meta={"format": data.get("format")})
+        return Schema(fields=tuple(out), label=label, negative_label=neg,
+                      label_map=_label_map(data.get("label_map"), source), meta={"format": data.get("format")})
     except SchemaError as e:
         raise SchemaError(f"{source}: {e}") from None
+
+
+# YAML 1.1 reads an unquoted yes/no/on/off/true/false as a boolean: a label_map key True stands for all
+# the spellings that YAML turns into True.
+_YAML_BOOL = {True: ("yes", "Yes", "YES", "true", "True", "TRUE", "on", "On", "ON"),
+              False: ("no", "No", "NO", "false", "False", "FALSE", "off", "Off", "OFF")}
+
+
+def _label_map(raw: Any, source: str) -> tuple[tuple[str, int], ...]:
+    """``label_map: {yes: 1, no: 0}``: text labels -> 1 (click) / 0; at least one of each."""
+    if raw is None:
+        return ()
+    if not isinstance(raw, dict) or not raw:
+        raise SchemaError(f"{source}: 'label_map' must be a mapping of label text to 1 or 0, e.g. {{yes: 1, no: 0}}")
+    out: dict[str, int] = {}
+    for k, v in raw.items():
+        if isinstance(v, bool) or v not in (0, 1):
+            raise SchemaError(f"{source}: label_map value for {short(k)} must be 1 or 0, got {short(v)}")
+        for text in _YAML_BOOL[k] if isinstance(k, bool) else (str(k),):
+            out[text] = int(v)
+    if set(out.values()) != {0, 1}:
+        raise SchemaError(f"{source}: label_map must map at least one label to 1 and one to 0")
+    return tuple(out.items())
 
 
 def load(path: str | Path) -> Schema:

@@ -26,7 +26,7 @@ import pyarrow.csv as pv
 
 from deepfm.data.numbers import NUMBER_RE, NUMERIC_RE, SPACE  # noqa: F401 (NUMERIC_RE: re-exported)
 from deepfm.errors import DataError
-from deepfm.schema import Field, Schema
+from deepfm.schema import Field, Schema, short
 
 MAX_EXAMPLES = 5
 MAX_FIRST_LINE = 16 << 20  # bytes: a longer first line is not a text file of these formats
@@ -339,7 +339,8 @@ class Validator:
         self.keep = np.ones(self.n, dtype=bool)
         self.first = pending  # on_bad_rows="error": the problem on the earliest line so far
 
-    def flag(self, mask: np.ndarray, name: str | None, message: Callable[[int], str]) -> None:
+    def flag(self, mask: np.ndarray, name: str | None, message: Callable[[int], str],
+             hint: str = "fix the value or pass --on-bad-rows skip") -> None:
         """Drop the rows in ``mask`` and count them, or keep the first as the error to raise; ``name`` is the
         field, None for a whole row."""
         rows = np.flatnonzero(mask & self.keep)
@@ -349,8 +350,7 @@ class Validator:
         if self.on_bad_rows != "skip":
             r = int(rows[0])
             if self.first is None or self.first.line is None or self.lines[r] < self.first.line:
-                self.first = DataError(message(r), path=self.path, line=int(self.lines[r]), field=name,
-                                       hint="fix the value or pass --on-bad-rows skip")
+                self.first = DataError(message(r), path=self.path, line=int(self.lines[r]), field=name, hint=hint)
             return
         where = "" if name is None else f", field {name!r}"
         self.bad.add(int(rows.size), [(self.lines[r], f"line {self.lines[r]}{where}: {message(int(r))}")
@@ -419,13 +419,39 @@ class Validator:
             arr = pc.if_else(pa.array(ok), arr, pa.scalar(None, pa.string()))
         return pc.cast(arr, pa.float64())
 
-    def label(self, arr: pa.Array, name: str, negatives: tuple[float, ...]) -> np.ndarray:
+    def label(self, arr: pa.Array, name: str, negatives: tuple[float, ...],
+              label_map: tuple[tuple[str, int], ...] = ()) -> np.ndarray:
+        if label_map:  # text labels (yes/no, click/skip) mapped by the schema
+            return self._mapped_label(arr, name, dict(label_map))
+        if not (pa.types.is_floating(arr.type) or pa.types.is_integer(arr.type) or pa.types.is_boolean(arr.type)):
+            t = pc.utf8_trim(self.text(arr, name), SPACE)
+            nonfinite = pc.is_in(pc.utf8_lower(pc.utf8_trim(t, "+-")), value_set=pa.array(["nan", "inf", "infinity"]))
+            word = pc.and_(pc.and_(pc.invert(pc.match_substring_regex(t, NUMBER_RE)), pc.not_equal(t, "")),
+                           pc.invert(nonfinite))  # nan/inf are numbers, refused as non-finite below
+            word = pc.fill_null(word, False).to_numpy(zero_copy_only=False)
+            if word.any():  # skipping them would skip every row: say how to map them instead
+                words = pc.unique(pc.filter(t, pa.array(word))).to_pylist()[:2]
+                example = ", ".join(f"{str(w)[:20]}: {1 - i}" for i, w in enumerate(words))
+                self.flag(word, name, lambda r: f"label is not a number: {str(t[r].as_py())[:40]!r}",
+                          hint=f"map text labels to 1/0 in the schema, e.g. label_map: {{{example}}}")
         vals = self.number(arr, name).to_numpy(zero_copy_only=False)
         allowed = np.isin(vals, (*negatives, 1.0))
         want = "/".join(str(int(v)) for v in dict.fromkeys((1.0, *negatives)))
         self.flag(~allowed, name, lambda r: f"label must be {want}, got "
                   + ("nothing (empty)" if np.isnan(vals[r]) else f"{float(vals[r]):g}"))
         return (vals == 1.0).astype(np.float32)
+
+    def _mapped_label(self, arr: pa.Array, name: str, label_map: dict[str, int]) -> np.ndarray:
+        t = pc.utf8_trim(pc.cast(arr, pa.string()), SPACE)
+        keys = list(label_map)
+        pos = pc.index_in(t, value_set=pa.array(keys, pa.string())).to_numpy(zero_copy_only=False)
+        known = ~np.isnan(pos.astype(np.float64)) if pos.dtype.kind == "f" else np.ones(len(pos), bool)
+        pos = np.nan_to_num(pos.astype(np.float64), nan=0).astype(np.int64)
+        out = np.asarray([label_map[k] for k in keys], dtype=np.float32)[pos]
+        shown = ", ".join(keys[:6])
+        self.flag(~known, name, lambda r: f"label {str(t[r].as_py())[:40]!r} is not in the schema's label_map "
+                  f"({shown})" if t[r].is_valid else "label is empty")
+        return (out == 1).astype(np.float32)
 
     def finish(self, columns: dict[str, pa.Array], label: np.ndarray | None) -> tuple[pa.Table, np.ndarray | None]:
         if self.first is not None:
@@ -443,10 +469,11 @@ class _Deferred(Validator):
 
     def __init__(self, v: Validator) -> None:
         self.path, self.lines, self.on_bad_rows, self.bad = v.path, v.lines, v.on_bad_rows, v.bad
-        self.flags: list[tuple[np.ndarray, str | None, Callable[[int], str]]] = []
+        self.flags: list[tuple[np.ndarray, str | None, Callable[[int], str], str]] = []
 
-    def flag(self, mask: np.ndarray, name: str | None, message: Callable[[int], str]) -> None:
-        self.flags.append((mask, name, message))
+    def flag(self, mask: np.ndarray, name: str | None, message: Callable[[int], str],
+             hint: str = "fix the value or pass --on-bad-rows skip") -> None:
+        self.flags.append((mask, name, message, hint))
 
 
 def parallel_map(fn: Callable[[Any], Any], items: list) -> list:
@@ -484,6 +511,11 @@ def typed_columns(
     first: dict[str, Field] = {}
     for f in schema.fields:
         if f.source not in raw.column_names:
+            if len(raw.column_names) == 1 and any(c in raw.column_names[0] for c in ",;\t|"):
+                raise DataError(f"column {f.source!r} required by the schema is missing: the file has one column "
+                                f"({short(raw.column_names[0], 60)}), so its delimiter is probably not the one "
+                                "read", path=v.path, field=f.name,
+                                hint="--format csv reads commas, tsv tabs; check --format")
             raise DataError(f"column {f.source!r} required by the schema is missing "
                             f"(columns present: {', '.join(raw.column_names[:12])}...)", path=v.path,
                             field=f.name, hint="check the schema file or --format")
@@ -497,7 +529,7 @@ def typed_columns(
         d = _Deferred(v)
         arr = raw.column(source).combine_chunks()
         if f is None:
-            return d.label(arr, source, negatives), d
+            return d.label(arr, source, negatives, schema.label_map), d
         if f.kind == "numeric":
             return d.number(arr, f.name), d
         if f.kind == "multi" and (pa.types.is_list(arr.type) or pa.types.is_large_list(arr.type)):

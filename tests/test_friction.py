@@ -1,0 +1,69 @@
+"""A new user's small surprises (issue 20.6): text labels, the wrong delimiter, ..."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from click.testing import CliRunner
+
+from deepfm import schema as schema_mod
+from deepfm.cli import main
+from deepfm.data import readers
+from deepfm.errors import DataError, SchemaError
+from tests.conftest import write
+
+
+def _csv(tmp_path, label=("yes", "no"), delim=",", n=400):  # type: ignore[no-untyped-def]
+    rng = np.random.default_rng(0)
+    rows = [delim.join(["click", "site", "price"])]
+    for i in range(n):
+        site = "abcd"[rng.integers(4)]
+        lab = label[0] if (site in "ab") ^ (rng.random() < 0.2) else label[1]
+        rows.append(delim.join([lab, site, f"{rng.random() * 10:.3f}"]))
+    return write(tmp_path / "d.csv", "\n".join(rows) + "\n")
+
+
+SCHEMA = "label: click\nfields:\n  - {name: site}\n  - {name: price, kind: numeric}\n"
+
+
+def test_text_labels_suggest_a_label_map_not_skipping(tmp_path) -> None:  # type: ignore[no-untyped-def]
+    data = _csv(tmp_path)
+    s = schema_mod.load(write(tmp_path / "s.yaml", SCHEMA))
+    with pytest.raises(DataError) as e:
+        readers.read(data, "csv", schema=s)
+    msg = str(e.value)
+    assert "line 2" in msg and "'click'" in msg and "label_map" in msg and "--on-bad-rows skip" not in msg
+
+
+def test_label_map_reads_text_labels_even_unquoted_yaml_booleans(tmp_path) -> None:  # type: ignore[no-untyped-def]
+    data = _csv(tmp_path)
+    s = schema_mod.load(write(tmp_path / "s.yaml", SCHEMA + "label_map: {yes: 1, no: 0}\n"))
+    r = readers.read(data, "csv", schema=s)
+    raw = [line.split(",")[0] for line in data.read_text().splitlines()[1:]]
+    assert np.array_equal(r.label, (np.asarray(raw) == "yes").astype(np.float32))
+    assert schema_mod.from_dict(s.to_dict()).label_map == s.label_map  # survives preprocessor.json
+    out = tmp_path / "m"
+    res = CliRunner().invoke(main, ["train", "--format", "csv", "--schema", str(tmp_path / "s.yaml"), "--train",
+                                    str(data), "--out", str(out), "--epochs", "1", "--quiet"])
+    assert res.exit_code == 0, res.output
+
+
+def test_a_label_outside_the_map_names_its_line(tmp_path) -> None:  # type: ignore[no-untyped-def]
+    data = _csv(tmp_path, label=("yes", "maybe"))
+    s = schema_mod.load(write(tmp_path / "s.yaml", SCHEMA + "label_map: {'yes': 1, 'no': 0}\n"))
+    with pytest.raises(DataError, match=r"line \d+, field 'click': label 'maybe' is not in the schema's label_map"):
+        readers.read(data, "csv", schema=s)
+
+
+@pytest.mark.parametrize("bad", ["label_map: [yes]", "label_map: {yes: 2}", "label_map: {yes: 1}"])
+def test_bad_label_maps_are_schema_errors(tmp_path, bad) -> None:  # type: ignore[no-untyped-def]
+    with pytest.raises(SchemaError, match="label_map"):
+        schema_mod.load(write(tmp_path / "s.yaml", SCHEMA + bad + "\n"))
+
+
+def test_wrong_delimiter_says_the_file_has_one_column(tmp_path) -> None:  # type: ignore[no-untyped-def]
+    data = _csv(tmp_path, label=("1", "0"))
+    s = schema_mod.load(write(tmp_path / "s.yaml", SCHEMA))
+    with pytest.raises(DataError, match="the file has one column .*delimiter") as e:
+        readers.read(data, "tsv", schema=s)
+    assert "--format csv" in str(e.value)
