@@ -16,7 +16,7 @@ from tests.conftest import write
 def _csv(tmp_path, label=("yes", "no"), delim=",", n=400):  # type: ignore[no-untyped-def]
     rng = np.random.default_rng(0)
     rows = [delim.join(["click", "site", "price"])]
-    for i in range(n):
+    for _ in range(n):
         site = "abcd"[rng.integers(4)]
         lab = label[0] if (site in "ab") ^ (rng.random() < 0.2) else label[1]
         rows.append(delim.join([lab, site, f"{rng.random() * 10:.3f}"]))
@@ -67,3 +67,20 @@ def test_wrong_delimiter_says_the_file_has_one_column(tmp_path) -> None:  # type
     with pytest.raises(DataError, match="the file has one column .*delimiter") as e:
         readers.read(data, "tsv", schema=s)
     assert "--format csv" in str(e.value)
+
+
+def test_compare_report_small_items() -> None:
+    from deepfm.compare import result_cells
+    from deepfm.models.ctr import ModelConfig
+    from deepfm.report import _epochs_cell, _model_options
+
+    one = {"runs": 1, "relaimpr": None, "auc_mean": 0.7, "auc_std": 0.0, "logloss_mean": 0.5, "logloss_std": 0.0}
+    assert "±" not in "".join(result_cells(one)) and "(1 seed)" in result_cells(one)[0]
+    assert "± 0.0100" in result_cells({**one, "runs": 3, "auc_std": 0.01})[0]
+    lr, fm = _model_options(ModelConfig(model="lr").to_dict()), _model_options(ModelConfig(model="fm").to_dict())
+    assert "hidden" not in lr and "dropout" not in lr and "embed_dim" not in lr
+    assert "hidden" not in fm and "embed_dim" in fm
+    assert "hidden" in _model_options(ModelConfig(model="deepfm").to_dict())
+    assert "still improving" in _epochs_cell({"best_epoch": 5, "epochs": 5}, 5)
+    assert "still improving" not in _epochs_cell({"best_epoch": 3, "epochs": 5}, 5)
+    assert "still improving" not in _epochs_cell({"best_epoch": 3, "epochs": 3}, 20)  # stopped early at 3

@@ -185,6 +185,8 @@ def result_cells(r: dict[str, Any]) -> tuple[str, str, str]:
     if not r["runs"]:
         return "not run", "not run", ""
     rel = "" if r["relaimpr"] is None else f"{r['relaimpr']:+.2f}%"
+    if r["runs"] == 1:  # one seed has no spread: "± 0.0000" would claim one
+        return f"{r['auc_mean']:.4f} (1 seed)", f"{r['logloss_mean']:.5f} (1 seed)", rel
     return f"{r['auc_mean']:.4f} ± {r['auc_std']:.4f}", f"{r['logloss_mean']:.5f} ± {r['logloss_std']:.5f}", rel
 
 
@@ -377,10 +379,10 @@ def compare(
             labels = test_labels(pipeline, test, prep)
             if labels is None:
                 raise DeepFMError(f"--test {test_path}: no label column, cannot evaluate")
-            data = {"key": run_key({}, {}, data_key), "format": fmt, "train": str(train_path),
-                    "valid": str(valid_path) if valid_path else None,
+            data = {"key": run_key({}, {}, data_key), "format": fmt, "train": str(Path(train_path).resolve()),
+                    "valid": str(Path(valid_path).resolve()) if valid_path else None,
                     "valid_fraction": None if valid_path else valid_fraction,
-                    "split_seed": None if valid_path else split_seed, "test": str(test_path),
+                    "split_seed": None if valid_path else split_seed, "test": str(Path(test_path).resolve()),
                     "train_rows": int(len(prep.train_rows) if prep.train_rows is not None else prep.train.rows),
                     "valid_rows": int(len(prep.valid_rows) if prep.valid_rows is not None
                                       else prep.valid.rows if prep.valid is not None else 0),

@@ -185,6 +185,26 @@ def _results_table(outcome: Any) -> str:
             f"(population std, ddof=0, as BARS reports). {note}</p>")
 
 
+# What each model reads of ModelConfig: LR has no embeddings and no DNN, FM no DNN; the report lists only
+# the options that shape the model it describes.
+_DNN_OPTIONS = ("hidden", "dropout", "batch_norm", "activation", "net_l2")
+_NOT_READ = {"lr": (*_DNN_OPTIONS, "embed_dim", "init_std"), "fm": _DNN_OPTIONS}
+
+
+def _model_options(cfg: dict[str, Any]) -> dict[str, Any]:
+    return {k: v for k, v in cfg.items() if k not in _NOT_READ.get(cfg.get("model", ""), ())}
+
+
+def _epochs_cell(d: dict[str, Any], cap: int | None) -> str:
+    """best epoch / epochs run, flagged when the run kept its last epoch at the cap: it was still improving."""
+    best, ran = d.get("best_epoch"), d.get("epochs")
+    text = f"{_e(best)} / {_e(ran)}"
+    if cap is not None and best is not None and best == ran == cap:
+        text += " <span class=warn title='the last epoch was the best: more epochs may help'>at the cap, " \
+                "still improving (raise --epochs)</span>"
+    return text
+
+
 def _runs_table(outcome: Any) -> str:
     head = ("<tr><th>model</th><th>seed</th><th>test AUC</th><th>test logloss</th><th>valid AUC</th>"
             "<th>best epoch / epochs</th><th>train (s)</th><th>parameters</th><th>status</th><th>bundle</th></tr>")
@@ -199,8 +219,8 @@ def _runs_table(outcome: Any) -> str:
         t, v = d["metrics"]["test"], d["metrics"].get("valid", {})
         body.append(f"<tr><td>{_e(r.model)}</td><td class=num>{r.seed}</td>"
                     f"<td class=num>{_num(t['auc'])}</td><td class=num>{_num(t['logloss'], 5)}</td>"
-                    f"<td class=num>{_num(v.get('auc'))}</td><td class=num>{_e(d.get('best_epoch'))} / "
-                    f"{_e(d.get('epochs'))}</td><td class=num>{_num(d.get('train_seconds'), 1)}</td>"
+                    f"<td class=num>{_num(v.get('auc'))}</td><td class=num>{_epochs_cell(d, r.train_cfg.epochs)}"
+                    f"</td><td class=num>{_num(d.get('train_seconds'), 1)}</td>"
                     f"<td class=num>{d.get('parameters', 0):,}</td><td>{_e(status.get(r.status, r.status))}"
                     f"{' (from a checkpoint)' if d.get('resumed') else ''}</td>"
                     f"<td><code class=path>{_e(d.get('bundle'))}</code></td></tr>")
@@ -239,7 +259,7 @@ def render(outcome: Any, command: str, settings: dict[str, Any], machine: dict[s
     data_html = _kv(data_rows) if d else "<p class=warn>The data has not been read yet (no run was started).</p>"
     configs = {}
     for r in runs:
-        configs.setdefault(r.model, r.model_cfg.to_dict())
+        configs.setdefault(r.model, _model_options(r.model_cfg.to_dict()))
     train_cfg = {k: v for k, v in runs[0].train_cfg.to_dict().items() if k != "seed"} if runs else {}
     cfg_rows = [("preset", _e(settings.get("preset"))),
                 ("overrides", _e(" ".join(settings.get("overrides") or []) or "none")),

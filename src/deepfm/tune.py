@@ -517,4 +517,6 @@ def tune_command(fmt, train_path, valid_path, valid_fraction, schema_path, out, 
     click.echo(f"best: trial {best.number}, validation AUC {best.value:.4f} ({len(study.trials)} trials, "
                f"{(time.perf_counter() - t0) / 60:.1f} min)")
     click.echo(f"wrote best.yaml, trials.csv, history.png, importance.png, study.json to {out}")
-    click.echo(f"next: deepfm train --preset {Path(out) / 'best.yaml'} --format {fmt} --train {train_path} ...")
+    again = [f"--format {fmt}"] + ([f"--schema {schema_path}"] if schema_path else []) + [f"--train {train_path}"]
+    again += [f"--valid {valid_path}"] if valid_path else []
+    click.echo(f"next: deepfm train --preset {Path(out) / 'best.yaml'} {' '.join(again)} --out MODEL_DIR")
