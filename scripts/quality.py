@@ -47,30 +47,38 @@ CANDIDATES: dict[str, tuple[str, list[str]]] = {
     "lr": ("default", ["model.model=lr"]),
     "fm": ("default", ["model.model=fm"]),
 }
-# the levers measured for the default preset (validation metrics only; see docs/quality.md)
-OLD = ["train.evals_per_epoch=1", "model.init_std=1.0e-4", "model.embedding_l2=1.0e-3", "model.batch_norm=true"]
-NOBN = [o for o in OLD if "batch_norm" not in o] + ["model.batch_norm=false"]
+
+
+def opts(base: list[str], *extra: str) -> list[str]:
+    """``base`` overrides with ``extra`` ones replacing the same keys."""
+    keys = {e.split("=", 1)[0] for e in extra}
+    return [o for o in base if o.split("=", 1)[0] not in keys] + list(extra)
+
+
+# The levers measured for the default preset (validation metrics; see docs/quality.md), each spelled out in full
+# on top of the default preset, so that a later change of the preset does not change what a lever means.
+# OLD = the default preset before issue 15 (batch norm on at every size, no wide start).
+OLD = ["train.evals_per_epoch=1", "model.init_std=1.0e-4", "model.embedding_l2=1.0e-3", "model.batch_norm=true",
+       "train.wide_start=false", "train.wide_lr_scale=1.0"]
+NOBN = opts(OLD, "model.batch_norm=false")
 LEVERS: dict[str, tuple[str, list[str]]] = {
     "old-default": ("default", OLD),
     "nobn": ("default", NOBN),
-    "nobn-e4": ("default", NOBN + ["train.evals_per_epoch=4"]),
-    "nobn-init-l2": ("default", NOBN + ["model.init_std=1.0e-2", "model.embedding_l2=1.0e-2"]),
-    "nobn-e4-init-l2": ("default", NOBN + ["train.evals_per_epoch=4", "model.init_std=1.0e-2",
-                                           "model.embedding_l2=1.0e-2"]),
-    "nobn-d0.5": ("default", NOBN + ["model.dropout=0.5"]),
-    "nobn-h200": ("default", NOBN + ["model.hidden=[200,200]"]),
+    "nobn-e4": ("default", opts(NOBN, "train.evals_per_epoch=4")),
+    "nobn-init-l2": ("default", opts(NOBN, "model.init_std=1.0e-2", "model.embedding_l2=1.0e-2")),
+    "nobn-e4-init-l2": ("default", opts(NOBN, "train.evals_per_epoch=4", "model.init_std=1.0e-2",
+                                        "model.embedding_l2=1.0e-2")),
+    "nobn-d0.5": ("default", opts(NOBN, "model.dropout=0.5")),
+    "nobn-h200": ("default", opts(NOBN, "model.hidden=[200,200]")),
+    "nobn-lr3e-3": ("default", opts(NOBN, "train.lr=3.0e-3")),
+    "nobn-bs512": ("default", opts(NOBN, "train.batch_size=512")),
+    "nobn-w10": ("default", opts(NOBN, "train.wide_lr_scale=10")),
+    "nobn-w30": ("default", opts(NOBN, "train.wide_lr_scale=30")),
+    "ws": ("default", opts(NOBN, "train.wide_start=true")),
+    "ws-e4": ("default", opts(NOBN, "train.wide_start=true", "train.evals_per_epoch=4")),
     "lr": ("default", ["model.model=lr"]),
-    "fm": ("default", ["model.model=fm"]),
     "lr-lr1e-2": ("default", ["model.model=lr", "train.lr=1.0e-2"]),
-    "nobn-lr3e-3": ("default", NOBN + ["train.lr=3.0e-3"]),
-    "nobn-bs512": ("default", NOBN + ["train.batch_size=512"]),
-    "nobn-w10": ("default", NOBN + ["train.wide_lr_scale=10"]),
-    "nobn-w30": ("default", NOBN + ["train.wide_lr_scale=30"]),
-    "fm-w10": ("default", ["model.model=fm", "train.wide_lr_scale=10"]),
-    "old-w10": ("default", OLD + ["train.wide_lr_scale=10"]),
-    "ws": ("default", NOBN + ["train.wide_start=true"]),
-    "ws-e4": ("default", NOBN + ["train.wide_start=true", "train.evals_per_epoch=4"]),
-    "ws-bn": ("default", OLD + ["train.wide_start=true"]),
+    "fm-w10": ("default", ["model.model=fm", "train.wide_lr_scale=10", "train.wide_start=false"]),
 }
 PEER_NAMES = {"deepctr": "DeepCTR-Torch DeepFM", "torchfm": "pytorch-fm DeepFM", "rechub": "torch-rechub DeepFM",
               "fuxictr": "FuxiCTR DeepFM"}
@@ -262,7 +270,7 @@ def main() -> None:
     if args.levers:
         print(lever_table(sets, names, results))
         return
-    write_doc(args.out, cmd, sets, names, peers, results, args.seeds)
+    write_doc(args.out, cmd, sets, names, peers, results, args.seeds, cache)
 
 
 def fmt(m: float, s: float, digits: int = 4) -> str:
@@ -282,8 +290,44 @@ def lever_table(sets: list[dict], names: list[str], results: dict) -> str:
     return "Validation AUC (mean ± std) / mean validation logloss\n" + "\n".join(lines)
 
 
+def lever_section(cache: dict[str, dict[str, Any]]) -> list[str]:
+    """The lever runs found in the cache (``--levers``): validation AUC / logloss (what the choice was made on)
+    and, for information only, test AUC, mean over the seeds run."""
+    groups: dict[tuple[str, str], list[dict[str, Any]]] = {}
+    for k, rec in cache.items():
+        ds, name, preset, ov = json.loads(k)[:4]
+        if "error" not in rec and ":" not in ds and name in LEVERS and \
+                (preset, ov) == (LEVERS[name][0], sorted(LEVERS[name][1])):
+            groups.setdefault((ds, name), []).append(rec)
+    if not groups:
+        return []
+    order = ["criteo", "avazu", "frappe", "movielens", "ipinyou"]
+    sets = sorted({d for d, _ in groups}, key=lambda d: (order.index(d) if d in order else len(order), d))
+    lines = ["## Levers (validation)", "",
+             "Each lever is the default preset with the listed options (LEVERS in scripts/quality.py), on the "
+             "same splits and seeds. Cells: validation AUC / validation logloss (mean over seeds; the choice of "
+             "defaults was made on these), then the test AUC for information. `n` = seeds run.", "",
+             "| lever | options | " + " | ".join(sets) + " |", "|---|---|" + "---|" * len(sets)]
+    for name, (_, ov) in LEVERS.items():
+        cells = []
+        for d in sets:
+            recs = groups.get((d, name), [])
+            if not recs:
+                cells.append("")
+                continue
+            va, _ = stats(recs, "valid", "auc")
+            vl, _ = stats(recs, "valid", "logloss")
+            ta, _ = stats(recs, "test", "auc")
+            cells.append(f"{va:.4f} / {vl:.4f} (test {ta:.4f}, n={len(recs)})")
+        if any(cells):
+            delta = [o for o in ov if o not in OLD] if name != "old-default" else ["batch norm on, no wide start"]
+            lines.append(f"| {name} | {', '.join(delta).replace('model.', '').replace('train.', '')} | "
+                         + " | ".join(cells) + " |")
+    return [*lines, ""]
+
+
 def write_doc(out: Path, cmd: str, sets: list[dict], names: list[str], peers: list[str], results: dict,
-              seeds: int) -> None:
+              seeds: int, cache: dict[str, dict[str, Any]] | None = None) -> None:
     rows = names + peers
     lines = ["# Quality: deepfm against LR, FM and the peers' DeepFM, over seeds", "",
              f"Produced by `{cmd}` on {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}, "
@@ -332,11 +376,16 @@ def write_doc(out: Path, cmd: str, sets: list[dict], names: list[str], peers: li
         lines.append("")
     if failures:
         lines += ["## Runs that failed", "", *[f"- {f}" for f in failures], ""]
+    lines += lever_section(cache or {})
+    lines += NOTES
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.with_name(f".{out.name}.tmp")
     tmp.write_text("\n".join(lines))
     os.replace(tmp, out)
     print("\n".join(lines))
+
+
+NOTES: list[str] = []  # the hand-written part of docs/quality.md (decisions, targets), appended as is
 
 
 def protocol_text() -> str:

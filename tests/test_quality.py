@@ -117,3 +117,26 @@ def test_wide_lr_scale_gives_the_first_order_weights_their_own_rate(synth_small)
     _, b = pipeline.train(prep, *pipeline.resolve_config("default", ov + ["train.wide_lr_scale=10"]),
                           progress=False)
     assert np.isfinite(b["metrics"]["valid"]["auc"]) and a["metrics"]["valid"] != b["metrics"]["valid"]
+
+
+def test_one_min_count_rule_for_inferred_schemas(tmp_path):
+    """Issue 20.2: `schema infer` and the Python API infer min_count 10, as the criteo format, and the CLI
+    says so in its output."""
+    import pyarrow as pa
+    from click.testing import CliRunner
+
+    from deepfm.cli import main
+    from deepfm.data import readers
+    from deepfm.data.infer import DEFAULT_MIN_COUNT, infer_fields
+
+    csv = tmp_path / "d.csv"
+    csv.write_text("click,site,n\n" + "".join(f"{i % 2},s{i % 7},{i * 13 % 101}\n" for i in range(200)))
+    res = CliRunner().invoke(main, ["schema", "infer", str(csv)])
+    assert res.exit_code == 0, res.output
+    assert res.output.startswith(f"# min_count {DEFAULT_MIN_COUNT}: ") and "min_count: 10" in res.output
+    out = tmp_path / "s.yaml"
+    res = CliRunner().invoke(main, ["schema", "infer", str(csv), "--out", str(out), "--min-count", "3"])
+    assert res.exit_code == 0 and "min_count 3" in res.output
+    fields = infer_fields(pa.table({"site": ["a", "b"] * 5}), set())  # what DeepFMClassifier infers
+    crit = {f.min_count for f in readers.criteo_schema().fields if f.kind == "categorical"}
+    assert {f.min_count for f in fields} == crit == {DEFAULT_MIN_COUNT}

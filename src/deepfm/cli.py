@@ -708,7 +708,8 @@ def info(bundle, as_json) -> None:
         return
     m = b.manifest
     click.echo(f"bundle {b.path}: {m['model']} (format v{m['format_version']}, deepfm {m['deepfm_version']}, "
-               f"created {m['created']}, data format {m['data_format']})")
+               f"created {m['created']}, data format "
+               f"{m['data_format'] or 'none: saved from the Python API, give --format to predict or evaluate'})")
     click.echo(f"parameters: {summary['parameters']:,}; config: {json.dumps(summary['model'])}")
     click.echo(f"fields ({len(fields)}): " + ", ".join(f"{f['name']}[{f['kind']}:{f['table_rows']}]" for f in fields))
     for split, met in b.metrics.items():
@@ -796,7 +797,9 @@ def schema() -> None:
 @click.option("--out", type=click.Path(), help="Write the schema here (.yaml or .json); default: print it.")
 @click.option("--label", default=None, help="Label column (default: label/click/target/y if present).")
 @click.option("--sample-rows", type=int, default=100_000, show_default=True)
-@click.option("--min-count", type=int, default=1, show_default=True)
+@click.option("--min-count", type=click.IntRange(min=1), default=None,
+              help="Values seen fewer times in training go to the field's OOV row (default: 10, the rule the "
+                   "Python API and the criteo format use; docs/quality.md).")
 @click.option("--hash-buckets", type=click.IntRange(min=1),
               help="Hash every categorical/multi field into this many buckets (no vocabulary pass: a quick start "
                    "on unknown or unbounded data, and streaming needs only one pass).")
@@ -810,14 +813,19 @@ def schema_infer(data, out, label, sample_rows, min_count, hash_buckets) -> None
     """
     import yaml
 
-    from deepfm.data.infer import infer_schema
+    from deepfm.data.infer import DEFAULT_MIN_COUNT, infer_schema
 
-    s = infer_schema(data, label=label, sample_rows=sample_rows, min_count=min_count, hash_buckets=hash_buckets)
+    mc = DEFAULT_MIN_COUNT if min_count is None else min_count
+    s = infer_schema(data, label=label, sample_rows=sample_rows, min_count=mc, hash_buckets=hash_buckets)
+    rule = (f"min_count {mc}: a categorical value seen fewer than {mc} times in training shares its field's OOV row"
+            + (" (the default rule, as the Python API and the criteo format; --min-count to change)"
+               if min_count is None else "") if hash_buckets is None else
+            f"hashed into {hash_buckets:,} buckets (min_count 1)")
     if out:
         s.save(out)
-        click.echo(f"wrote {out}: label {s.label!r}, {len(s.fields)} fields; review it before training")
+        click.echo(f"wrote {out}: label {s.label!r}, {len(s.fields)} fields, {rule}; review it before training")
     else:
-        click.echo(yaml.safe_dump(s.to_dict(), sort_keys=False), nl=False)
+        click.echo(f"# {rule}\n" + yaml.safe_dump(s.to_dict(), sort_keys=False), nl=False)
 
 
 if __name__ == "__main__":
