@@ -84,3 +84,19 @@ def test_compare_report_small_items() -> None:
     assert "still improving" in _epochs_cell({"best_epoch": 5, "epochs": 5}, 5)
     assert "still improving" not in _epochs_cell({"best_epoch": 3, "epochs": 5}, 5)
     assert "still improving" not in _epochs_cell({"best_epoch": 3, "epochs": 3}, 20)  # stopped early at 3
+
+
+def test_api_bundles_and_api_errors_speak_api(tmp_path) -> None:  # type: ignore[no-untyped-def]
+    import pandas as pd
+
+    from deepfm.estimator import DeepFMClassifier
+
+    rng = np.random.default_rng(0)
+    X = pd.DataFrame({"site": rng.choice(list("abcd"), 300), "price": rng.random(300)})
+    y = (X.site.isin(["a", "b"]) ^ (rng.random(300) < 0.2)).astype(int)
+    clf = DeepFMClassifier(epochs=1).fit(X, y)
+    with pytest.raises(DataError) as e:
+        clf.predict_proba(X[["site"]])
+    assert "--format" not in str(e.value) and "fitted on" in str(e.value)
+    res = CliRunner().invoke(main, ["info", str(clf.save(tmp_path / "m"))])
+    assert res.exit_code == 0 and "data format None" not in res.output and "Python API" in res.output

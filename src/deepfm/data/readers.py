@@ -504,7 +504,8 @@ def _empty_strings(t: pa.Array) -> np.ndarray | None:
 
 
 def typed_columns(
-    raw: pa.Table, schema: Schema, v: Validator, label_col: str | None, negatives: tuple[float, ...] = (0.0,)
+    raw: pa.Table, schema: Schema, v: Validator, label_col: str | None, negatives: tuple[float, ...] = (0.0,),
+    missing_hint: str = "check the schema file or --format",
 ) -> tuple[pa.Table, np.ndarray | None]:
     """Validate and type the raw columns a schema needs; missing columns are a clear error. Columns are
     typed on a thread per core; their problems are then applied in column order."""
@@ -518,7 +519,7 @@ def typed_columns(
                                 hint="--format csv reads commas, tsv tabs; check --format")
             raise DataError(f"column {f.source!r} required by the schema is missing "
                             f"(columns present: {', '.join(raw.column_names[:12])}...)", path=v.path,
-                            field=f.name, hint="check the schema file or --format")
+                            field=f.name, hint=missing_hint)
         first.setdefault(f.source, f)  # a source shared by several fields is typed by its first
     jobs: list[tuple[str, Field | None]] = list(first.items())
     if label_col is not None and label_col in raw.column_names:
@@ -949,7 +950,8 @@ def from_arrow(table: pa.Table, schema: Schema, label: np.ndarray | None = None,
     """Validate an in-memory Arrow table (from pandas/Polars via the estimator) like a file."""
     bad = BadRows()
     v = Validator(source, np.arange(1, table.num_rows + 1), "error", bad)
-    out, lab = typed_columns(table, schema, v, None)
+    out, lab = typed_columns(table, schema, v, None,  # the Python API: no file format, no schema file
+                             missing_hint="pass the columns the model was fitted on")
     if label is not None:
         y = np.asarray(label, dtype=np.float64).ravel()
         if y.shape[0] != out.num_rows:
