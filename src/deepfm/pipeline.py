@@ -47,6 +47,15 @@ def log(msg: str) -> None:
     print(msg, file=sys.stderr, flush=True)
 
 
+def _size(path: str | Path) -> str:
+    p = Path(path)
+    try:
+        n = sum(c.stat().st_size for c in p.iterdir() if c.is_file()) if p.is_dir() else p.stat().st_size
+    except OSError:
+        return "size unknown"
+    return f"{n / 1e6:,.1f} MB" if n >= 1e5 else f"{n:,} bytes"
+
+
 @dataclass
 class Prepared:
     pre: Preprocessor
@@ -169,7 +178,13 @@ def prepare(
         valid_rows = np.load(entry / "valid_rows.npy") if split else None
         log(f"using cached encoded data for {train_path} ({info['rows']} rows)")
     else:
+        # No bar for these stages (the reader is one multi-threaded Arrow pass), but a line as each starts
+        # and ends, so that a large file is not minutes of silence.
+        log(f"reading {train_path} ({_size(train_path)}, --format {fmt})")
         res = readers.read(train_path, fmt, schema, on_bad_rows)
+        t_read = time.perf_counter()
+        log(f"read {res.rows:,} rows in {t_read - t0:.1f} s; fitting preprocessing on the training rows and "
+            "encoding")
         _report_skips(res)
         if res.label is None:
             raise DataError("training data has no label column", path=str(train_path))
@@ -187,6 +202,7 @@ def prepare(
             enc = pre.fit_transform(res) if fit_on is res else pre.fit(fit_on).transform(res)
         info = {"rows": res.rows, "skipped_rows": res.skipped.count, "read_encode_seconds":
                 time.perf_counter() - t0, "path": str(train_path), "format": fmt}
+        log(f"fitted and encoded in {time.perf_counter() - t_read:.1f} s")
         if use_cache:
             try:
                 _write_cache_entry(entry, enc, pre, info, train_rows, valid_rows)
