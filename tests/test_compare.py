@@ -15,7 +15,8 @@ from pathlib import Path
 import pytest
 from click.testing import CliRunner
 
-from deepfm.compare import compare, compare_command, relaimpr
+from deepfm.commands.compare import compare_command
+from deepfm.compare import compare, relaimpr
 
 ROOT = Path(__file__).resolve().parents[1]
 PNG = b"\x89PNG\r\n\x1a\n"

@@ -11,10 +11,10 @@ import torch
 from click.testing import CliRunner
 
 from deepfm import pipeline
+from deepfm.commands.explain import explain_command
 from deepfm.data.store import FieldSpec
 from deepfm.errors import DeepFMError
 from deepfm.explain import (
-    explain_command,
     field_importance,
     field_slots,
     interaction_map,

@@ -13,9 +13,10 @@ from PIL import Image
 pytest.importorskip("optuna")
 
 from deepfm import pipeline  # noqa: E402
+from deepfm.commands.tune import tune_command  # noqa: E402
 from deepfm.errors import DeepFMError  # noqa: E402
 from deepfm.schema import Field, Schema  # noqa: E402
-from deepfm.tune import SHAPES, SearchSpace, hidden_sizes, tune_command  # noqa: E402
+from deepfm.tune import SHAPES, SearchSpace, hidden_sizes  # noqa: E402
 
 
 def test_network_shapes_as_in_the_paper():

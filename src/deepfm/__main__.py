@@ -1,5 +1,5 @@
 """``python -m deepfm`` (what ``torchrun -m deepfm train ...`` runs on every rank)."""
 
-from deepfm.cli import main
+from deepfm.commands import main
 
 main()

@@ -12,7 +12,6 @@ seeds, RelaImpr against LR), the plots and ``report.html`` (deepfm.report) are r
 from __future__ import annotations
 
 import csv
-import hashlib
 import json
 import os
 import platform
@@ -24,21 +23,19 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import click
 import numpy as np
 
 from deepfm import outputs
-from deepfm.cli import FORMATS, friendly, loading_options  # cli loads this module lazily, when it runs
-from deepfm.config import MODEL_NAMES  # not models.ctr: loading the command must not import torch
+from deepfm.config import MODEL_NAMES, RUNTIME_KEYS  # not models.ctr: importing this module must not import torch
 from deepfm.errors import DeepFMError
+from deepfm.report import result_cells  # noqa: F401 (re-exported; report renders the cells)
+from deepfm.utils import digest
 
 # the names the paper's Table 2 uses (wdl is its LR&DNN, fmdnn its FM&DNN)
 DISPLAY = {"lr": "LR", "fm": "FM", "fnn": "FNN", "ipnn": "IPNN", "opnn": "OPNN", "pnnstar": "PNN*",
            "wdl": "LR&DNN", "fmdnn": "FM&DNN", "deepfm": "DeepFM", "dnn": "DNN"}
 ROC_POINTS = 501  # the false-positive-rate grid the ROC curves are stored (and averaged over seeds) on
 CALIBRATION_BINS = 20  # equal-frequency bins of the reliability curves
-# training options that do not change what a run computes (left out of the run key)
-VOLATILE = ("threads", "prefetch", "checkpoint_every", "keep_checkpoints", "eval_batch_size")
 DONE = "done.json"
 STARTED = "run.json"
 
@@ -70,9 +67,8 @@ def run_id(model: str, seed: int) -> str:
 
 def run_key(model_cfg: dict[str, Any], train_cfg: dict[str, Any], data_key: dict[str, Any]) -> str:
     """What makes a run the same run: its resolved model and training configuration and the data."""
-    train = {k: v for k, v in train_cfg.items() if k not in VOLATILE}
-    blob = json.dumps({"model": model_cfg, "train": train, "data": data_key}, sort_keys=True, default=str)
-    return hashlib.sha256(blob.encode()).hexdigest()[:20]
+    train = {k: v for k, v in train_cfg.items() if k not in RUNTIME_KEYS}  # threads etc. do not change a run
+    return digest({"model": model_cfg, "train": train, "data": data_key}, 20)
 
 
 def roc_curve(y: np.ndarray, p: np.ndarray, points: int = ROC_POINTS) -> list[float] | None:
@@ -178,16 +174,6 @@ def summarize(runs: list[Run], models: list[str]) -> list[dict[str, Any]]:
     for r in rows:
         r["relaimpr"] = relaimpr(r["auc_mean"], lr["auc_mean"] if lr else None) if r["runs"] else None
     return rows
-
-
-def result_cells(r: dict[str, Any]) -> tuple[str, str, str]:
-    """A table row's AUC, logloss (mean ± std) and RelaImpr, as shown in table.md and report.html."""
-    if not r["runs"]:
-        return "not run", "not run", ""
-    rel = "" if r["relaimpr"] is None else f"{r['relaimpr']:+.2f}%"
-    if r["runs"] == 1:  # one seed has no spread: "± 0.0000" would claim one
-        return f"{r['auc_mean']:.4f} (1 seed)", f"{r['logloss_mean']:.5f} (1 seed)", rel
-    return f"{r['auc_mean']:.4f} ± {r['auc_std']:.4f}", f"{r['logloss_mean']:.5f} ± {r['logloss_std']:.5f}", rel
 
 
 def table_markdown(rows: list[dict[str, Any]], has_lr: bool) -> str:
@@ -473,67 +459,3 @@ def _train_one(pipeline: Any, prep: Any, test: Any, r: Run, out: Path, fmt: str,
               "finished": time.strftime("%Y-%m-%dT%H:%M:%S"), "bundle": f"runs/{r.id}"}
     _write_json(run_dir / DONE, record)
     return record
-
-
-# ------------------------------------------------------------------------------------------- click command
-@click.command("compare")
-@click.option("--format", "fmt", type=click.Choice(FORMATS), help="Input format (csv/tsv/parquet need --schema).")
-@click.option("--train", "train_path", required=True, type=click.Path(), help="Training data.")
-@click.option("--valid", "valid_path", type=click.Path(), help="Validation data (else --valid-fraction).")
-@click.option("--valid-fraction", type=float, default=0.1, show_default=True,
-              help="Seeded random share of --train held out for validation (early stopping) when --valid is not "
-                   "given; the same split for every run.")
-@click.option("--test", "test_path", required=True, type=click.Path(), help="Labelled test data (the table's numbers).")
-@click.option("--schema", "schema_path", type=click.Path(), help="Feature schema (YAML/JSON).")
-@click.option("--models", default="lr,fm,deepfm", show_default=True,
-              help=f"Comma-separated models, in table order; any of {', '.join(MODEL_NAMES)} "
-                   "(wdl = the paper's LR&DNN, fmdnn = FM&DNN, pnnstar = PNN*).")
-@click.option("--seeds", type=int, default=3, show_default=True,
-              help="Runs per model, with seeds 1..N (initialisation, shuffling, dropout; the split stays fixed).")
-@click.option("--split-seed", type=int, default=2017, show_default=True,
-              help="Seed of the --valid-fraction split (one split for all runs).")
-@click.option("--preset", default="default", show_default=True, help="paper, bars, default, or a YAML file.")
-@click.option("--set", "overrides", multiple=True, metavar="SECTION.KEY=VALUE",
-              help="Override a preset option for every model, e.g. --set model.hidden=[400,400,400].")
-@click.option("--epochs", type=int, help="Maximum epochs (early stopping on the validation metric).")
-@loading_options
-@click.option("--streaming", is_flag=True,
-              help="Out of core, as `deepfm train --streaming`: fit in one streaming pass, train from shards on disk.")
-@click.option("--budget-minutes", type=float,
-              help="Start no new run once this many minutes have passed; the report then lists the missing runs "
-                   "(rerun the same command to add them).")
-@click.option("--out", required=True, type=click.Path(), help="Output folder (rerun with the same --out to resume).")
-@click.option("--force", is_flag=True, help="Write into --out even if it is a folder that is not a compare output.")
-@friendly
-@outputs.interruptible
-def compare_command(fmt, train_path, valid_path, valid_fraction, test_path, schema_path, models, seeds, split_seed,
-                    preset, overrides, epochs, threads, min_count, on_bad_rows, cache_dir, no_cache, streaming,
-                    budget_minutes, out, force) -> None:
-    """Compare models as in the DeepFM paper's Table 2: every model on the same splits and preprocessing,
-    N seeds each; writes results.csv, table.md/.csv (AUC and logloss mean ± std, RelaImpr vs LR), plots and
-    one self-contained report.html. Resumable: rerunning the same command skips the runs already done.
-
-    \b
-    Examples:
-      deepfm compare --format criteo --train train.txt --test test.txt --models lr,fm,deepfm --seeds 3 --out cmp/
-      deepfm compare --format criteo --train train.txt --valid-fraction 0.1 --test test.txt \\
-          --models lr,fm,fnn,ipnn,opnn,pnnstar,wdl,fmdnn,deepfm --seeds 5 --preset paper --out table2/
-      deepfm compare --format avazu --train train.csv --valid valid.csv --test test.csv --budget-minutes 60 --out a/
-    """
-    params = {"--format": fmt, "--schema": schema_path, "--train": train_path, "--valid": valid_path,
-              "--valid-fraction": None if valid_path else valid_fraction, "--test": test_path,
-              "--models": models, "--seeds": seeds, "--split-seed": split_seed, "--preset": preset,
-              "--set": list(overrides), "--epochs": epochs, "--threads": threads, "--min-count": min_count,
-              "--on-bad-rows": on_bad_rows if on_bad_rows != "error" else None, "--cache-dir": cache_dir,
-              "--no-cache": no_cache, "--streaming": streaming, "--budget-minutes": budget_minutes, "--out": out}
-    res = compare(train_path, test_path, out, fmt=fmt, models=models, seeds=seeds, valid_path=valid_path,
-                  valid_fraction=valid_fraction, split_seed=split_seed, schema_path=schema_path, preset=preset,
-                  overrides=list(overrides), epochs=epochs, threads=threads, min_count=min_count,
-                  on_bad_rows=on_bad_rows, cache_dir=cache_dir, use_cache=not no_cache,
-                  streaming=streaming, budget_minutes=budget_minutes, command=command_line(params), echo=click.echo,
-                  force=force)
-    click.echo("")
-    click.echo(table_markdown(res.rows, "lr" in [r.model for r in res.runs]).rstrip())
-    click.echo("")
-    click.echo(f"{len(res.trained)} run(s) trained, {len(res.reused)} reused, {len(res.missing)} missing; "
-               f"report: {res.out / 'report.html'}")

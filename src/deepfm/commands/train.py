@@ -1,0 +1,150 @@
+"""``deepfm train``: train a model and write a bundle (also what ``--nproc`` runs on every torchrun rank)."""
+
+from __future__ import annotations
+
+import sys
+
+import click
+
+from deepfm import outputs
+from deepfm.commands._options import (
+    BatchSize,
+    FiniteFloat,
+    batch_size_option,
+    friendly,
+    input_format,
+    input_options,
+    load_schema,
+    loading_options,
+)
+from deepfm.config import MODEL_NAMES
+from deepfm.errors import DeepFMError
+
+
+@click.command("train")
+@input_options
+@click.option("--test", "test_path", type=click.Path(exists=True), help="Optional test data scored at the end.")
+@click.option("--out", required=True, type=click.Path(), help="Output bundle folder.")
+@click.option("--model", type=click.Choice(list(MODEL_NAMES)), default=None,
+              help="Model (default: the preset's, deepfm): the paper's Table 2 baselines lr, fm, fnn, ipnn, opnn, "
+                   "pnnstar, wdl (LR&DNN), fmdnn (FM&DNN), and dnn.")
+@click.option("--preset", default="default", show_default=True, help="paper, bars, default, or a YAML file.")
+@click.option("--set", "overrides", multiple=True, metavar="SECTION.KEY=VALUE",
+              help="Override a preset option, e.g. --set model.dropout=0.2 --set train.lr=0.0005.")
+@click.option("--epochs", type=click.IntRange(min=1),
+              help="Maximum epochs. Training stops earlier when the monitored validation metric (the preset's "
+                   "train.monitor: AUC - logloss in the default preset) gains nothing for train.patience "
+                   "validations; the best epoch's weights are kept.")
+@click.option("--batch-size", type=BatchSize(), help="Rows per step, or 'auto' (about 100 steps per epoch, 128-4096).")
+@click.option("--lr", type=FiniteFloat(min=0, min_open=True), help="Adam learning rate (the preset's: 0.001).")
+@click.option("--seed", type=click.IntRange(min=0), help="Seed for the split, initialisation, shuffling and dropout.")
+@click.option("--embedding-update", type=click.Choice(["dense", "sparse", "auto"]),
+              help="dense: Adam over whole tables (the reference); sparse: lazy Adam on the rows each batch "
+                   "touches (cost independent of the vocabulary); auto: sparse from 1M table rows up.")
+@click.option("--precision", type=click.Choice(["fp32", "bf16"]),
+              help="bf16 autocast of the MLP (fast only on CPUs with AVX512-BF16/AMX, and on GPUs).")
+@loading_options
+@click.option("--streaming", is_flag=True,
+              help="Out of core: fit preprocessing in one streaming pass and train from shards on disk "
+                   "(memory bounded by the model and a few shards, whatever the data size).")
+@click.option("--shard-rows", type=click.IntRange(min=1), default=1_000_000, show_default=True,
+              help="Rows per shard in --streaming mode.")
+@click.option("--init-from", "init_from", type=click.Path(exists=True, file_okay=False),
+              help="Warm start from a bundle (e.g. yesterday's): its vocabularies grow with the new values, its "
+                   "weights are kept, new rows start fresh; the new bundle records its lineage.")
+@click.option("--nproc", type=click.IntRange(min=1), default=1, show_default=True,
+              help="Data-parallel processes on this machine (launches torchrun; gloo on CPU, nccl on CUDA).")
+@click.option("--checkpoint-every", type=click.IntRange(min=0),
+              help="Steps between checkpoints in OUT/checkpoints (default 1000; 0: epoch ends only).")
+@click.option("--resume", is_flag=True, help="Continue from the newest checkpoint in --out (rerun the same command "
+                                             "with --resume added); starts over when there is none.")
+@click.option("--quiet", is_flag=True, help="No progress bars.")
+@click.option("--force", is_flag=True, help="Replace --out even if it is a folder that is not a deepfm bundle "
+                                            "(its files are deleted).")
+@friendly
+@outputs.interruptible
+def train_command(fmt, train_path, valid_path, valid_fraction, test_path, schema_path, out, model, preset, overrides,
+          epochs, batch_size, lr, seed, threads, embedding_update, precision, min_count, on_bad_rows, cache_dir,
+          no_cache, streaming, shard_rows, init_from, nproc, checkpoint_every, resume, quiet, force) -> None:
+    """Train a model and write a bundle.
+
+    \b
+    Examples:
+      deepfm train --format criteo --train train.txt --valid-fraction 0.1 --out runs/criteo
+      deepfm train --format avazu --train train.csv --valid valid.csv --preset paper --epochs 3 --out m/
+      deepfm train --format csv --schema schema.yaml --train logs.csv --out m/ --set model.dropout=0.3
+    """
+    from deepfm import pipeline
+    from deepfm.train import distributed as dist
+
+    # before any work: never replace a folder that is not ours, or that holds this run's data
+    outputs.check_dir_out(out, ("bundle", "train-run"), force=force,
+                          inputs=(train_path, valid_path, test_path, schema_path))
+    if nproc > 1:  # hand over to torchrun, which runs this command (without --nproc) on every rank
+        _torchrun(nproc)
+    parent = None
+    if init_from:
+        from deepfm.serve.bundle import load
+
+        parent = load(init_from)
+        fmt = fmt or parent.data_format
+        if model is not None and model != parent.model.cfg.model:
+            raise DeepFMError(f"--init-from: the bundle is a {parent.model.cfg.model} model, not {model}")
+    fmt = input_format(fmt, schema_path, train_path)
+    ranked = dist.init_from_env()
+    lead = dist.rank() == 0
+    batch_size = batch_size_option(batch_size)
+    model_cfg, train_cfg = pipeline.resolve_config(preset, list(overrides), model=model, epochs=epochs,
+                                                   batch_size=batch_size, lr=lr, seed=seed, threads=threads,
+                                                   embedding_update=embedding_update, precision=precision,
+                                                   checkpoint_every=checkpoint_every)
+    schema = load_schema(schema_path, fmt, min_count)
+    if parent is not None:  # the bundle's fields (min_count may change) and model
+        if schema_path is None:
+            schema = parent.preprocessor.schema
+            schema = schema.with_overrides(min_count=min_count) if min_count is not None else schema
+        model_cfg = parent.model.cfg
+    if ranked and not lead:
+        dist.barrier()  # rank 0 reads, fits and caches the data first; the others then take it from the cache
+    if streaming:
+        prep = pipeline.prepare_streaming(train_path, fmt, schema, valid_path, valid_fraction, train_cfg.seed,
+                                          on_bad_rows, cache_dir, not no_cache, shard_rows,
+                                          parent=parent.preprocessor if parent else None)
+    else:
+        prep = pipeline.prepare(train_path, fmt, schema, valid_path, valid_fraction, train_cfg.seed, on_bad_rows,
+                                cache_dir, not no_cache, parent=parent.preprocessor if parent else None)
+    if ranked and lead:
+        dist.barrier()
+    pipeline.log(f"{prep.info['rows']:,} rows, {len(prep.fields)} fields, {prep.info['vocab_rows']:,} "
+                 f"embedding rows; model {model_cfg.model}, preset {preset}")
+    test = None
+    if test_path:
+        test = (pipeline.shard_file(test_path, fmt, prep.pre, on_bad_rows, cache_dir, shard_rows) if streaming
+                else pipeline.encode_file(test_path, fmt, prep.pre, on_bad_rows))
+    _, result = pipeline.train(prep, model_cfg, train_cfg, out, fmt, test, progress=not quiet,
+                               extra_info={"preset": preset, "overrides": list(overrides)}, resume=resume,
+                               init_from=parent, force=force)
+    if not lead:
+        return
+    for split, m in result["metrics"].items():
+        auc = f"{m['auc']:.4f}" if m["auc"] == m["auc"] else "undefined (one class)"
+        click.echo(f"{split}: AUC {auc}  logloss {m['logloss']:.4f}  calibration "
+                   f"{m['calibration']:.3f}  rows {m['rows']:,}")
+    click.echo(f"bundle written to {out}")
+
+
+def _torchrun(nproc: int) -> None:
+    """Re-run this command under torchrun with ``nproc`` processes (and exit with its status)."""
+    import subprocess
+
+    argv, skip = [], False
+    for a in sys.argv[1:]:
+        if skip:
+            skip = False
+        elif a == "--nproc":
+            skip = True
+        elif not a.startswith("--nproc="):
+            argv.append(a)
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}", "-m",
+           "deepfm", *argv]
+    sys.exit(subprocess.call(cmd))
