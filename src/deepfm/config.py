@@ -12,8 +12,13 @@ import yaml
 
 from deepfm.errors import DeepFMError
 
-# Model names (models/ctr.py builds them; kept here so the CLI can list them without importing torch)
+# Model names (models/ builds them; defined here so the CLI can list them without importing torch)
 MODEL_NAMES = ("lr", "fm", "deepfm", "dnn", "wdl", "fnn", "ipnn", "opnn", "pnnstar", "fmdnn")
+# Input formats (data/readers.py reads them; here so the CLI can list them without importing pyarrow)
+FORMATS = ("criteo", "avazu", "libfm", "movielens", "csv", "tsv", "parquet")
+# Training options that change how fast a run goes, not what it computes: left out of compare's and tune's
+# run keys, and free to change when a run resumes from a checkpoint (as are the epochs)
+RUNTIME_KEYS = ("threads", "prefetch", "checkpoint_every", "keep_checkpoints", "eval_batch_size")
 
 
 def preset_names() -> list[str]:

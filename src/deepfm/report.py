@@ -166,13 +166,21 @@ def _kv(rows: list[tuple[str, Any]]) -> str:
     return "<table>" + "".join(f"<tr><th>{_e(k)}</th><td>{v}</td></tr>" for k, v in rows) + "</table>"
 
 
+def result_cells(r: dict[str, Any]) -> tuple[str, str, str]:
+    """A table row's AUC, logloss (mean ± std) and RelaImpr, as shown in table.md and report.html."""
+    if not r["runs"]:
+        return "not run", "not run", ""
+    rel = "" if r["relaimpr"] is None else f"{r['relaimpr']:+.2f}%"
+    if r["runs"] == 1:  # one seed has no spread: "± 0.0000" would claim one
+        return f"{r['auc_mean']:.4f} (1 seed)", f"{r['logloss_mean']:.5f} (1 seed)", rel
+    return f"{r['auc_mean']:.4f} ± {r['auc_std']:.4f}", f"{r['logloss_mean']:.5f} ± {r['logloss_std']:.5f}", rel
+
+
 def _results_table(outcome: Any) -> str:
     has_lr = any(r["model"] == "lr" for r in outcome.rows)
     head = ("<tr><th>Model</th><th>Test AUC (mean ± std)</th><th>Test Logloss (mean ± std)</th>"
             "<th>RelaImpr (AUC vs LR)</th><th>seeds</th></tr>")
     body = []
-    from deepfm.compare import result_cells
-
     for r in outcome.rows:
         auc, ll, rel = result_cells(r)
         cls = "" if r["runs"] else ' class="missing"'

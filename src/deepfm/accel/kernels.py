@@ -25,7 +25,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from deepfm.data.store import default_cache_dir
+from deepfm.utils import default_cache_dir
 
 SOURCE = Path(__file__).with_name("kernels.c")
 _FLAG_SETS = (["-O3", "-fPIC", "-shared", "-fopenmp", "-DDEEPFM_CLONES"], ["-O3", "-fPIC", "-shared", "-fopenmp"])

@@ -8,9 +8,8 @@ from typing import Any
 
 import click
 
+from deepfm.config import FORMATS  # one definition, in config (the readers read these)
 from deepfm.errors import DeepFMError
-
-from deepfm.config import FORMATS  # noqa: E402 (one definition: the readers list the same names)
 
 
 class FiniteFloat(click.FloatRange):

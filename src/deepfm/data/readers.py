@@ -24,6 +24,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.csv as pv
 
+from deepfm.config import FORMATS
 from deepfm.data.numbers import NUMBER_RE, NUMERIC_RE, SPACE  # noqa: F401 (NUMERIC_RE: re-exported)
 from deepfm.errors import DataError
 from deepfm.schema import Field, Schema, short
@@ -801,9 +802,6 @@ def _typed_parquet(raw: pa.Table, path: Path, schema: Schema, first_row: int, on
     v = Validator(path, lines, on_bad_rows, bad)
     table, label = typed_columns(raw, schema, v, schema.label, negatives=(0.0, float(schema.negative_label)))
     return ReadResult(table, label, schema, str(path), bad)
-
-
-FORMATS = ("criteo", "avazu", "libfm", "movielens", "csv", "tsv", "parquet")
 
 
 def default_schema(fmt: str) -> Schema | None:

@@ -3,21 +3,21 @@ batcher that turns row indices into model inputs by slicing, with no per-sample 
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import shutil
 import tempfile
-from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import torch
 import xxhash
 
-from deepfm.data.preprocess import Encoded, Preprocessor
+from deepfm.data.preprocess import Encoded
 from deepfm.errors import DataError
+from deepfm.layout import FieldSpec, layout  # noqa: F401 (re-exported: the layout moved to deepfm.layout)
 from deepfm.schema import MISSING
+from deepfm.utils import default_cache_dir, digest  # noqa: F401 (default_cache_dir re-exported)
 
 STORE_VERSION = 1
 
@@ -51,7 +51,7 @@ def file_identity(path: str | Path) -> dict:
 
 
 def cache_key(*parts: object) -> str:
-    return hashlib.sha256(json.dumps([STORE_VERSION, *parts], sort_keys=True, default=str).encode()).hexdigest()[:20]
+    return digest([STORE_VERSION, *parts], 20)
 
 
 def save_store(enc: Encoded, directory: Path) -> None:
@@ -87,29 +87,6 @@ def open_store(directory: Path) -> Encoded:
                    np.load(directory / f"multi.{n}.values.npy", mmap_mode="r")) for n in meta["multi"]},
         label=np.load(label_path, mmap_mode="r") if label_path.exists() else None,
     )
-
-
-def default_cache_dir() -> Path:
-    return Path(os.environ.get("DEEPFM_CACHE", Path.home() / ".cache" / "deepfm"))
-
-
-@dataclass(frozen=True)
-class FieldSpec:
-    """One field as the model sees it: its kind, its rows in the fused table, its input slots."""
-
-    name: str
-    kind: str  # cat | num | multi
-    size: int
-    slots: int
-    pooling: str = "sum"
-
-
-def layout(pre: Preprocessor) -> list[FieldSpec]:
-    """Model field order: categorical (incl. bucketized), numeric, multi-valued; schema order within."""
-    out = [FieldSpec(f.name, "cat", pre.vocab_size(f), 1) for f in pre.fields_of("cat")]
-    out += [FieldSpec(f.name, "num", 2, 1) for f in pre.fields_of("num")]
-    out += [FieldSpec(f.name, "multi", pre.vocab_size(f), f.max_len, f.pooling) for f in pre.fields_of("multi")]
-    return out
 
 
 class Batcher:

@@ -23,12 +23,13 @@ import torch
 
 from deepfm.data import readers
 from deepfm.data.preprocess import Encoded
-from deepfm.data.store import Batcher, layout
+from deepfm.data.store import Batcher
 from deepfm.errors import DataError
+from deepfm.layout import layout
 from deepfm.serve.bundle import Bundle, load
 from deepfm.serve.fastpath import SMALL_BATCH, NumpyForward
 from deepfm.serve.records import RecordEncoder
-from deepfm.train.trainer import set_threads, sigmoid
+from deepfm.utils import set_threads, sigmoid
 
 ENGINES = ("torch", "onnxruntime")
 

@@ -49,7 +49,7 @@ import numpy as np
 from deepfm import __version__
 from deepfm.serve.predictor import Predictor
 from deepfm.serve.records import RecordError
-from deepfm.train.trainer import sigmoid
+from deepfm.utils import sigmoid
 
 log = logging.getLogger("deepfm.serve")
 # per-process event counts (the protocol and the app run in the same worker process), shown by /healthz
