@@ -91,7 +91,7 @@ class _BlockWriter:
         if path.suffix == ".parquet":
             import pyarrow.parquet as pq
 
-            schema = pq.readload_schema(path)
+            schema = pq.read_schema(path)
             return (schema.metadata or {}).get(b"deepfm") == b"predict" or schema.names[-1:] == ["probability"]
         with open(path, "rb") as fh:
             head = fh.read(1 << 16).split(b"\n", 1)[0].rstrip(b"\r")
