@@ -10,7 +10,8 @@ import numpy as np
 import pytest
 
 from deepfm import pipeline
-from deepfm.models.ctr import AUTO_BATCH_NORM_ROWS, ModelConfig, build_model, resolve_config
+from deepfm.models import build_model
+from deepfm.models.ctr import AUTO_BATCH_NORM_ROWS, ModelConfig, resolve_config
 from deepfm.train import trainer
 
 # The regression set: `deepfm synth` with 20k rows (seed 0; 8k train, 2k valid, 10k test rows so that the
