@@ -100,3 +100,17 @@ def test_api_bundles_and_api_errors_speak_api(tmp_path) -> None:  # type: ignore
     assert "--format" not in str(e.value) and "fitted on" in str(e.value)
     res = CliRunner().invoke(main, ["info", str(clf.save(tmp_path / "m"))])
     assert res.exit_code == 0 and "data format None" not in res.output and "Python API" in res.output
+
+
+def test_predict_bar_has_a_total_and_no_empty_bar_before_an_error(tmp_path, synth_small) -> None:  # type: ignore[no-untyped-def]
+    out = tmp_path / "m"
+    res = CliRunner().invoke(main, ["train", "--format", "criteo", "--train", str(synth_small / "train.tsv"),
+                                    "--out", str(out), "--epochs", "1", "--quiet"])
+    assert res.exit_code == 0, res.output
+    bad = write(tmp_path / "bad.tsv", "zz\tq\n")
+    res = CliRunner().invoke(main, ["predict", str(out), str(bad), "--out", str(tmp_path / "s.csv")])
+    assert res.exit_code == 2 and "scoring" not in res.output, res.output
+    res = CliRunner().invoke(main, ["predict", str(out), str(synth_small / "test.tsv"), "--out",
+                                    str(tmp_path / "s.csv"), "--block-mb", "0.05"])
+    assert res.exit_code == 0, res.output
+    assert "100%" in res.output and "B/s" in res.output and "rows]" in res.output  # a total, an ETA, rows

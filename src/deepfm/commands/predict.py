@@ -51,22 +51,39 @@ def predict_command(bundle, data, out, fmt, id_column, on_bad_rows, engine, thre
     columns = [id_column] if id_column else None
     n, skipped = 0, None
     with outputs.locked(out):  # a second predict to the same --out is refused, never interleaved
-        bar = tqdm(unit=" rows", unit_scale=True, desc="scoring", disable=quiet, file=sys.stderr)
+        block_bytes = int(block_mb * (1 << 20))
+        # A delimited text file is read in blocks of about block_bytes of its bytes: the bar counts bytes, so
+        # it has a total and an ETA (rows as a postfix). Parquet and .gz: rows only. The bar appears with the
+        # first block, so an error in the first rows prints no empty bar.
+        size = Path(data).stat().st_size if Path(data).is_file() else 0
+        by_bytes = size > 0 and Path(data).suffix not in (".parquet", ".gz")
+        bar = None
         try:
-            blocks = pred.iter_file(data, fmt, on_bad_rows, columns=columns, block_bytes=int(block_mb * (1 << 20)))
+            blocks = pred.iter_file(data, fmt, on_bad_rows, columns=columns, block_bytes=block_bytes)
             for p, block in blocks:
                 cols: dict[str, Any] = {c: block.extra[c] for c in columns or []}
                 cols["probability"] = pa.array(p)
                 writer.write(pa.table(cols))
                 n += len(p)
                 skipped = block.skipped
-                bar.update(len(p))
+                if bar is None:
+                    bar = (tqdm(total=size, unit="B", unit_scale=True, desc="scoring", disable=quiet, file=sys.stderr)
+                           if by_bytes else
+                           tqdm(unit=" rows", unit_scale=True, desc="scoring", disable=quiet, file=sys.stderr))
+                if by_bytes:
+                    bar.update(min(block_bytes, size - bar.n))
+                    bar.set_postfix_str(f"{n:,} rows", refresh=False)
+                else:
+                    bar.update(len(p))
+            if bar is not None and by_bytes:
+                bar.update(size - bar.n)
             writer.close()
         except BaseException:  # errors, Ctrl-C and SIGTERM (outputs.interruptible): no temporary file is left
             writer.abort()
             raise
         finally:
-            bar.close()
+            if bar is not None:
+                bar.close()
     if skipped is not None and skipped.count:
         click.echo(skipped.summary(str(data)), err=True)
     click.echo(f"wrote {n:,} predictions to {out}")
