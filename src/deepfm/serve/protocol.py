@@ -25,7 +25,7 @@ from typing import Any
 import httptools
 from uvicorn.protocols.http.httptools_impl import STATUS_LINE, HttpToolsProtocol, RequestResponseCycle
 
-from deepfm.serve.server import COUNTERS
+from deepfm.serve.counters import COUNTERS
 
 
 @dataclass(frozen=True)

@@ -37,7 +37,6 @@ import shutil
 import signal
 import threading
 import time
-from collections import Counter
 from collections.abc import Awaitable, Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import MISSING, dataclass, field, fields
@@ -47,13 +46,12 @@ from typing import Annotated, Any
 import numpy as np
 
 from deepfm import __version__
+from deepfm.serve.counters import COUNTERS
 from deepfm.serve.predictor import Predictor
 from deepfm.serve.records import RecordError
 from deepfm.utils import sigmoid
 
 log = logging.getLogger("deepfm.serve")
-# per-process event counts (the protocol and the app run in the same worker process), shown by /healthz
-COUNTERS: Counter[str] = Counter()
 
 
 @dataclass
