@@ -12,13 +12,15 @@ from __future__ import annotations
 import base64
 import html
 import json
+import logging
 import os
-import sys
 import time
 from pathlib import Path
 from typing import Any
 
 import numpy as np
+
+log = logging.getLogger("deepfm.report")  # no handler configured: Python prints warnings to stderr as is
 
 COLORS = ["#1f77b4", "#d62728", "#2ca02c", "#ff7f0e", "#9467bd", "#8c564b", "#e377c2", "#7f7f7f", "#bcbd22",
           "#17becf"]
@@ -318,7 +320,7 @@ def write(outcome: Any, command: str, settings: dict[str, Any], machine: dict[st
             import matplotlib  # noqa: F401
         except ImportError:
             plot_error = "matplotlib is not installed (pip install 'deepfm[report]')"
-            print(f"warning: {plot_error}; writing the report without plots", file=sys.stderr, flush=True)
+            log.warning(f"warning: {plot_error}; writing the report without plots")
         else:
             for name, fn in (("validation_auc.png", plot_validation), ("roc.png", plot_roc),
                              ("calibration.png", plot_calibration)):
