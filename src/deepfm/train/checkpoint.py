@@ -1,15 +1,19 @@
-"""Training checkpoints: everything ``fit`` needs to continue a run exactly where it stopped.
+"""Training checkpoints: the state of every component of a run, to continue it exactly where it stopped.
 
     OUT/checkpoints/step-000001200/
-        state.safetensors   model, best-epoch weights, optimiser moments, torch RNG (tensors only)
-        state.json          format + version, sha256 of state.safetensors, the run's fingerprint, the
-                            position (epoch, next step), numpy RNG states, loss sums, early-stopping state
+        state.safetensors   every tensor of the state (model, best weights, optimiser moments, torch RNG)
+        state.json          format + version, sha256 of state.safetensors, the run's fingerprint, and the rest
+                            of each component's state, a tensor standing as {"__tensor__": its name}
 
-A checkpoint is written into a temporary folder, fsynced, then renamed into place, and only the newest
-``keep`` are kept, so a kill at any moment leaves the previous checkpoint intact. Loading checks the
-version, the checksum and the fingerprint (the model/training config and the data the run was started
-with); a damaged newest checkpoint falls back to the one before. On CPU with the same threads, a resumed
-run ends bit-identical to an uninterrupted one (``scripts/kill_test.py`` checks it).
+The state is ``Trainer.state_dict()``: one ``state_dict()`` per component (``model``, ``optimizer``,
+``early_stopping``, ``shuffle``, ``rng``, ``position``; see ``train.state``), written by
+``CheckpointCallback`` at the trainer's save points and loaded back into each component's
+``load_state_dict()`` on resume. A checkpoint is written into a temporary folder, fsynced, then renamed into
+place, and only the newest ``keep`` are kept, so a kill at any moment leaves the previous checkpoint intact.
+Loading checks the version, the checksum and the fingerprint (the model/training config and the data the run
+was started with); a damaged newest checkpoint falls back to the one before, and one written by another
+checkpoint format is refused with a clear "start over". On CPU with the same threads, a resumed run ends
+bit-identical to an uninterrupted one (``scripts/kill_test.py`` checks it).
 """
 
 from __future__ import annotations
@@ -19,39 +23,22 @@ import json
 import os
 import shutil
 import tempfile
-from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import numpy as np
 import torch
 from safetensors.torch import load_file, save_file
 
 from deepfm import outputs
 from deepfm.errors import DeepFMError
-from deepfm.models.ctr import CTRModel
-from deepfm.models.layers import FastDropout
+from deepfm.train.callbacks import Callback
+
+if TYPE_CHECKING:
+    from deepfm.train.trainer import Trainer
 
 FORMAT = "deepfm-checkpoint"
-FORMAT_VERSION = 1
-
-
-@dataclass
-class Position:
-    """Where a run is: epoch in progress (1-based) and its next step; the numpy RNG state before that
-    epoch's shuffle (so the permutation is drawn again identically); the running sums of the epoch."""
-
-    epoch: int = 1
-    step: int = 0
-    epoch_rng: dict[str, Any] | None = None
-    loss_sum: float = 0.0
-    seen: int = 0
-    history: list[dict[str, Any]] = field(default_factory=list)
-    best: float = float("-inf")
-    bad_epochs: int = 0
-    reduced: bool = False
-    done: bool = False  # early stopping decided: only the final weights/bundle remain to be written
-    global_step: int = 0
+# 2: one entry per component state_dict (v1: a fixed layout of model/best/opt/sparse/RNG entries)
+FORMAT_VERSION = 2
 
 
 def _fsync_dir(path: Path) -> None:
@@ -79,33 +66,19 @@ class Checkpointer:
         self.fingerprint, self.every, self.keep = fingerprint, every, max(1, keep)
 
     # ------------------------------------------------------------------ write
-    def save(self, model: CTRModel, opt: torch.optim.Optimizer, sparse: Any, best_state: dict | None,
-             rng: np.random.Generator, pos: Position) -> Path:
-        tensors: dict[str, torch.Tensor] = {f"model.{k}": v for k, v in model.state_dict().items()}
-        if best_state is not None:
-            tensors.update({f"best.{k}": v for k, v in best_state.items()})
-        opt_state = opt.state_dict()
-        for i, st in opt_state["state"].items():
-            for k, v in st.items():
-                tensors[f"opt.{i}.{k}"] = v if torch.is_tensor(v) else torch.tensor(v)
-        if sparse is not None:
-            for j, (m, v) in enumerate(zip(sparse.opt.exp_avg, sparse.opt.exp_avg_sq, strict=True)):
-                tensors[f"sparse.{j}.exp_avg"], tensors[f"sparse.{j}.exp_avg_sq"] = m, v
-        tensors["torch_rng"] = torch.get_rng_state()
+    def save(self, state: dict[str, Any], global_step: int, done: bool = False) -> Path:
+        """Write ``state`` (component name -> its state_dict) as ``step-<global_step>`` (``-done``: training
+        is over, only the bundle remains); returns the folder."""
+        tensors: dict[str, torch.Tensor] = {}
+        tree = {k: _split(v, k, tensors) for k, v in state.items()}
         shared = _shared(tensors)
         tensors = {k: v.detach().contiguous().clone() if v.data_ptr() in shared else v.detach().contiguous()
                    for k, v in tensors.items()}
-        meta = {
-            "format": FORMAT, "format_version": FORMAT_VERSION, "fingerprint": self.fingerprint,
-            "position": asdict(pos), "rng": rng.bit_generator.state,
-            "dropout_rngs": [m.rng.bit_generator.state if m.rng is not None else None
-                             for m in model.modules() if isinstance(m, FastDropout)],
-            "param_groups": opt_state["param_groups"], "opt_state_keys": {str(i): sorted(st)
-                                                                          for i, st in opt_state["state"].items()},
-            "sparse": {"steps": sparse.opt.steps, "lr": sparse.opt.lr} if sparse is not None else None,
-            "best_state": best_state is not None,
-        }
-        name = f"step-{pos.global_step:09d}" + ("-done" if pos.done else "")
+        reserved = {"format", "format_version", "fingerprint", "sha256", "meta_sha256"} & set(tree)
+        if reserved:
+            raise ValueError(f"checkpoint component names {sorted(reserved)} are reserved")
+        meta = {"format": FORMAT, "format_version": FORMAT_VERSION, "fingerprint": self.fingerprint, **tree}
+        name = f"step-{global_step:09d}" + ("-done" if done else "")
         final = self.dir / name
         try:
             self.dir.mkdir(parents=True, exist_ok=True)
@@ -154,11 +127,11 @@ class Checkpointer:
                 meta = json.loads((path / "state.json").read_text())
                 if not isinstance(meta, dict):
                     raise ValueError("state.json is not an object")
-                if meta.get("format") != FORMAT or meta.get("format_version") != FORMAT_VERSION:
-                    raise ValueError(f"format {meta.get('format')} v{meta.get('format_version')}")
                 # written since state.json carries its own checksum; older checkpoints lack it
                 if "meta_sha256" in meta and _meta_sha256(meta) != meta["meta_sha256"]:
                     raise ValueError("state.json checksum mismatch")
+                if meta.get("format") != FORMAT:
+                    raise ValueError(f"format {meta.get('format')}")
                 if _sha256(path / "state.safetensors") != meta.get("sha256"):
                     raise ValueError("checksum mismatch")
                 if not isinstance(meta.get("fingerprint"), str):
@@ -167,6 +140,10 @@ class Checkpointer:
                 if warn:
                     warn(f"skipping damaged checkpoint {path.name}: {e}")
                 continue
+            if meta.get("format_version") != FORMAT_VERSION:
+                raise DeepFMError(f"{path}: incompatible checkpoint (format v{meta.get('format_version')}, written by "
+                                  f"another deepfm version; this one reads v{FORMAT_VERSION}): it cannot be resumed. "
+                                  f"Start over: delete {self.dir} (or drop --resume)")
             if meta["fingerprint"] != self.fingerprint:
                 raise DeepFMError(f"{path}: this checkpoint belongs to a run with another configuration or other "
                                   "data; rerun the original command, or delete "
@@ -174,30 +151,77 @@ class Checkpointer:
             return path, meta
         return None
 
-    def restore(self, path: Path, meta: dict[str, Any], model: CTRModel, opt: torch.optim.Optimizer, sparse: Any,
-                rng: np.random.Generator) -> tuple[Position, dict | None]:
-        """Load a checkpoint into the live objects; returns the position and the best-epoch weights."""
-        t = load_file(str(path / "state.safetensors"))
-        model.load_state_dict({k[6:]: v for k, v in t.items() if k.startswith("model.")}, strict=True)
-        best = {k[5:]: v for k, v in t.items() if k.startswith("best.")} if meta["best_state"] else None
-        state = {int(i): {k: t[f"opt.{i}.{k}"] for k in keys} for i, keys in meta["opt_state_keys"].items()}
-        opt.load_state_dict({"state": state, "param_groups": meta["param_groups"]})
-        if sparse is not None:
-            for j in range(len(sparse.opt.exp_avg)):
-                sparse.opt.exp_avg[j].copy_(t[f"sparse.{j}.exp_avg"])
-                sparse.opt.exp_avg_sq[j].copy_(t[f"sparse.{j}.exp_avg_sq"])
-            sparse.opt.steps, sparse.opt.lr = meta["sparse"]["steps"], meta["sparse"]["lr"]
-        torch.set_rng_state(t["torch_rng"])
-        rng.bit_generator.state = meta["rng"]
-        drops = [m for m in model.modules() if isinstance(m, FastDropout)]
-        for m, st in zip(drops, meta["dropout_rngs"], strict=True):
-            m.pending.clear()
-            if st is None:
-                m.rng = None
-            else:
-                m.rng = np.random.default_rng()
-                m.rng.bit_generator.state = st
-        return Position(**meta["position"]), best
+    def load(self, path: Path, meta: dict[str, Any]) -> dict[str, Any]:
+        """The state (component name -> state_dict) of the checkpoint ``latest`` found, tensors included."""
+        tensors = load_file(str(path / "state.safetensors"))
+        skip = {"format", "format_version", "fingerprint", "sha256", "meta_sha256"}
+        return {k: _join(v, tensors) for k, v in meta.items() if k not in skip}
+
+
+class CheckpointCallback(Callback):
+    """Checkpointing as a trainer callback: on resume, the newest valid checkpoint goes back into every
+    component (``Trainer.load_state_dict``); at each save point (every ``checkpointer.every`` steps and at
+    every epoch end) rank 0 writes ``Trainer.state_dict()``."""
+
+    def __init__(self, checkpointer: Checkpointer, resume: bool = False) -> None:
+        self.checkpointer, self.resume = checkpointer, resume
+        self.every = checkpointer.every
+        self.last_good: tuple[Path, int, int] | None = None  # the newest checkpoint written or resumed from
+
+    def on_fit_start(self, trainer: Trainer) -> None:
+        if not self.resume:
+            return
+        found = self.checkpointer.latest(warn=trainer.log)
+        if found is None:
+            trainer.log(f"no checkpoint in {self.checkpointer.dir}: starting from the beginning")
+            return
+        try:
+            trainer.load_state_dict(self.checkpointer.load(*found))
+        except (KeyError, TypeError, ValueError, RuntimeError) as e:  # same version and fingerprint: unexpected
+            raise DeepFMError(f"{found[0]}: incompatible checkpoint ({type(e).__name__}: {e}); start over: delete "
+                              f"{self.checkpointer.dir} (or drop --resume)") from None
+        pos = trainer.position
+        self.last_good = (found[0], pos.epoch, pos.step)
+        trainer.log(f"resuming from {found[0].name}: epoch {pos.epoch}, step {pos.step}")
+
+    def on_save_point(self, trainer: Trainer) -> None:
+        if trainer.lead:
+            pos = trainer.position
+            path = self.checkpointer.save(trainer.state_dict(), pos.global_step, pos.done)
+            self.last_good = (path, pos.epoch, pos.step)
+
+
+def _split(obj: Any, name: str, tensors: dict[str, torch.Tensor]) -> Any:
+    """A state as JSON, each tensor moved into ``tensors`` under its dotted path and replaced by
+    {"__tensor__": path}; dicts with non-string keys (an optimiser's parameter numbers) as {"__items__":
+    [[key, value], ...]}, tuples as lists."""
+    if torch.is_tensor(obj):
+        if name in tensors:
+            raise ValueError(f"two checkpoint tensors named {name!r}")
+        tensors[name] = obj
+        return {"__tensor__": name}
+    if isinstance(obj, dict):
+        if all(isinstance(k, str) for k in obj) and not ({"__tensor__", "__items__"} & set(obj)):
+            return {k: _split(v, f"{name}.{k}", tensors) for k, v in obj.items()}
+        return {"__items__": [[k, _split(v, f"{name}.{k}", tensors)] for k, v in obj.items()]}
+    if isinstance(obj, list | tuple):
+        return [_split(v, f"{name}.{i}", tensors) for i, v in enumerate(obj)]
+    if obj is None or isinstance(obj, bool | int | float | str):
+        return obj
+    raise TypeError(f"checkpoint state {name!r}: {type(obj).__name__} is not a tensor or JSON value")
+
+
+def _join(obj: Any, tensors: dict[str, torch.Tensor]) -> Any:
+    """The inverse of :func:`_split`."""
+    if isinstance(obj, dict):
+        if set(obj) == {"__tensor__"}:
+            return tensors[obj["__tensor__"]]
+        if set(obj) == {"__items__"}:
+            return {k: _join(v, tensors) for k, v in obj["__items__"]}
+        return {k: _join(v, tensors) for k, v in obj.items()}
+    if isinstance(obj, list):
+        return [_join(v, tensors) for v in obj]
+    return obj
 
 
 def _shared(tensors: dict[str, torch.Tensor]) -> set[int]:

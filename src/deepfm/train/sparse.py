@@ -4,8 +4,8 @@ Dense Adam over one fused ``[V, K]`` table reads and writes ``V * K`` parameters
 buffers every step; with Criteo-scale vocabularies (1M-30M rows) that dominates the step. Here each step:
 
 1. ``begin(idx)``: the unique table rows ``u`` of the batch (O(batch) with one persistent scratch array,
-   no sort), and for every table a leaf ``weight[u]`` that the model reads through ``inv`` (see
-   ``FusedTable.gathered``), so backward yields a ``[U, K]`` gradient;
+   no sort), and for every table a leaf ``weight[u]`` that the table reads through ``inv`` for this step
+   (``FusedTable.use_gathered``), so backward yields a ``[U, K]`` gradient;
 2. ``step()``: lazy Adam on those rows only (the moments of untouched rows are left as they are, as in
    ``torch.optim.SparseAdam`` and TensorFlow's LazyAdam), with the global step count for bias correction.
 
@@ -17,6 +17,7 @@ stale momentum (dense Adam moves them). ``TrainConfig.embedding_update`` selects
 from __future__ import annotations
 
 from collections.abc import Callable
+from typing import Any
 
 import numpy as np
 import torch
@@ -69,6 +70,21 @@ class LazyAdam:
             v_all.index_copy_(0, rows, v)
             t.weight.data.index_copy_(0, rows, w)
 
+    def state_dict(self) -> dict[str, Any]:
+        """The moments of every table row (tensors, not copies), the step count and the learning rate."""
+        return {"exp_avg": list(self.exp_avg), "exp_avg_sq": list(self.exp_avg_sq), "steps": self.steps,
+                "lr": self.lr}
+
+    @torch.no_grad()
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        for name in ("exp_avg", "exp_avg_sq"):
+            mine, theirs = getattr(self, name), state[name]
+            if len(theirs) != len(mine):
+                raise ValueError(f"lazy Adam state has {len(theirs)} {name} tables, the model {len(mine)}")
+            for m, t in zip(mine, theirs, strict=True):
+                m.copy_(t)
+        self.steps, self.lr = int(state["steps"]), float(state["lr"])
+
 
 class SparseEmbeddings:
     """Drives the sparse path for a model's fused tables (``w`` and ``v`` share slot offsets)."""
@@ -80,6 +96,7 @@ class SparseEmbeddings:
         self.unique = UniqueRows(n)
         self.opt = LazyAdam(self.tables, lr)
         self.rows: torch.Tensor | None = None
+        self.leaves: list[torch.Tensor] = []  # this step's weight[rows] of each table, between begin and step
 
     def prepare(self, idx: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """idx [B, S] -> (unique rows [U], inv [B, S]); numpy only, so a loader thread can call it."""
@@ -88,13 +105,15 @@ class SparseEmbeddings:
         return torch.from_numpy(uniq), torch.from_numpy(inv).view(idx.shape)
 
     def begin(self, rows: torch.Tensor, inv: torch.Tensor) -> None:
+        """Make this step's leaves ``weight[rows]`` and have each table read them through ``inv``."""
         self.rows = rows
-        for t in self.tables:
-            t.gathered = (inv, t.weight.detach().index_select(0, rows).requires_grad_())
+        self.leaves = [t.weight.detach().index_select(0, rows).requires_grad_() for t in self.tables]
+        for t, leaf in zip(self.tables, self.leaves, strict=True):
+            t.use_gathered(inv, leaf)
 
     def step(self, reduce: Callable | None = None) -> None:
         """Apply the lazy Adam update; ``reduce(rows, grads) -> (rows, grads)`` combines ranks first."""
-        grads = [t.gathered[1].grad if t.gathered is not None else None for t in self.tables]
+        grads = [leaf.grad for leaf in self.leaves]
         rows = self.rows
         if reduce is not None:
             rows, grads = reduce(rows, grads)
@@ -103,8 +122,14 @@ class SparseEmbeddings:
 
     def end(self) -> None:
         for t in self.tables:
-            t.gathered = None
-        self.rows = None
+            t.clear_gathered()
+        self.rows, self.leaves = None, []
+
+    def state_dict(self) -> dict[str, Any]:
+        return self.opt.state_dict()
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.opt.load_state_dict(state)
 
     @property
     def lr(self) -> float:

@@ -6,7 +6,6 @@ JSONL log and the run's log lines (logger ``deepfm.train``; ``log_to`` writes th
 from __future__ import annotations
 
 import contextlib
-import copy
 import ctypes
 import json
 import logging
@@ -16,7 +15,7 @@ import queue
 import sys
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 from typing import Any
@@ -25,15 +24,18 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
+from deepfm.accel import accelerate, kernels
 from deepfm.config import check_options
-from deepfm.data.store import Batcher
 from deepfm.errors import DeepFMError
-from deepfm.models import kernels
 from deepfm.models.ctr import CTRModel
 from deepfm.train import distributed as dist
-from deepfm.train.checkpoint import Checkpointer, Position
+from deepfm.train.callbacks import Callback, OnEpoch
+from deepfm.train.checkpoint import CheckpointCallback, Checkpointer
+from deepfm.train.early_stopping import EarlyStopping, monitored  # noqa: F401 (re-exported)
 from deepfm.train.metrics import evaluate
-from deepfm.train.sparse import SparseEmbeddings
+from deepfm.train.state import BatchSource, Position, RandomState, Shuffler, Stateful
+from deepfm.train.updater import Updater
+from deepfm.utils import available_cores, set_threads, sigmoid  # noqa: F401 (re-exported)
 
 
 @dataclass
@@ -164,16 +166,6 @@ class DivergedError(DeepFMError):
         self.epoch, self.step = epoch, step
 
 
-def monitored(m: dict[str, float], monitor: str) -> tuple[float, str]:
-    """The value early stopping maximises and its name. AUC is undefined (NaN) when the validation rows
-    have one class: then -logloss, which is defined (and a NaN comparison would never improve)."""
-    if math.isnan(m["auc"]):
-        return -m["logloss"], "-logloss"
-    if monitor == "auc-logloss":
-        return m["auc"] - m["logloss"], "auc-logloss"
-    return m["auc"], "auc"
-
-
 def _finite(model: torch.nn.Module) -> bool:
     """No NaN/inf weight or buffer. A sum propagates both and reads the memory once: 92 ms for 119M float32
     values on 2 busy cores, against 1.6 s for isfinite().all(); a sum overflowing float32 (weights near 1e38)
@@ -184,14 +176,6 @@ def _finite(model: torch.nn.Module) -> bool:
 def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
     np.random.seed(seed % (2**32))
-
-
-def available_cores() -> int:
-    """Cores this process may run on (affinity mask), not the host's total."""
-    try:
-        return len(os.sched_getaffinity(0))
-    except AttributeError:  # not on Linux
-        return os.cpu_count() or 1
 
 
 def tune_allocator() -> None:
@@ -211,12 +195,6 @@ def tune_allocator() -> None:
 
 
 _ALLOCATOR_TUNED = False
-
-
-def set_threads(threads: int) -> int:
-    n = threads or available_cores()
-    torch.set_num_threads(n)
-    return n
 
 
 def autocast(precision: str) -> contextlib.AbstractContextManager:
@@ -281,6 +259,8 @@ AUTO_SPARSE_ROWS = 1_000_000
 
 
 def uses_sparse_update(model: CTRModel, mode: str) -> bool:
+    """``embedding_update``: "dense", "sparse", or "auto" (sparse from AUTO_SPARSE_ROWS table rows up, where
+    dense Adam's per-step cost over the table dominates)."""
     table = model.v if model.v is not None else model.w
     if table is None or mode == "dense":
         return False
@@ -288,7 +268,7 @@ def uses_sparse_update(model: CTRModel, mode: str) -> bool:
 
 
 @torch.no_grad()
-def predict_logits(model: CTRModel, batcher: Batcher, rows: np.ndarray | None = None,
+def predict_logits(model: CTRModel, batcher: BatchSource, rows: np.ndarray | None = None,
                    batch_size: int = 65536) -> np.ndarray:
     """Logits for ``rows`` (default: all rows), in row order; eval mode, no autograd."""
     was_training = model.training
@@ -322,17 +302,260 @@ def _validations(n: int) -> str:
     return f"{n} validation" + ("s" if n != 1 else "")
 
 
-def sigmoid(x: np.ndarray) -> np.ndarray:
-    with np.errstate(over="ignore"):  # exp overflows to inf for logits below -709: 1 / (1 + inf) = 0, exact
-        return (1.0 / (1.0 + np.exp(-x.astype(np.float64)))).astype(np.float64)
+class Trainer:
+    """Trains a model on a ``BatchSource``: ``fit`` runs epochs of ``train_epoch`` (seeded shuffling, batches
+    built ahead in a loader thread, validation ``evals_per_epoch`` times per epoch) until the epoch cap or
+    ``early_stopping`` stops it, then restores the best validated weights.
+
+    Components, each with ``state_dict()``/``load_state_dict()`` (``state_dict`` here is all of them, what a
+    checkpoint holds): ``model``; ``updater`` (the optimisation step: dense or lazy-sparse Adam, one process
+    or data-parallel; ``train.updater``); ``early_stopping`` (``train.early_stopping``); ``shuffler`` (the
+    epoch order) and ``random`` (torch and dropout streams), ``position`` (epoch, step, history; all three
+    ``train.state``). ``callbacks`` run at the start, at save points and at epoch ends (checkpointing:
+    ``train.checkpoint.CheckpointCallback``)."""
+
+    def __init__(self, model: CTRModel, cfg: TrainConfig, train: BatchSource, train_rows: np.ndarray | None = None,
+                 valid: BatchSource | None = None, valid_rows: np.ndarray | None = None, *,
+                 log_path: Path | None = None, progress: bool = True, callbacks: Sequence[Callback] = ()) -> None:
+        self.model, self.cfg, self.train_source, self.valid, self.valid_rows = model, cfg, train, valid, valid_rows
+        self.log_path, self.progress, self.callbacks = log_path, progress, list(callbacks)
+        self.threads = set_threads(cfg.threads)
+        accelerate(model)  # the fused CPU kernels, in place: same parameters, same numbers (deepfm.accel)
+        tune_allocator()
+        # a loader thread only helps with a spare core: on a full machine it preempts the compute threads
+        self.prefetch = cfg.prefetch if isinstance(cfg.prefetch, bool) else available_cores() > self.threads
+        self.shuffler = Shuffler(train, train_rows, cfg.seed)  # the epoch order: the same on every rank
+        self.n_rows = self.shuffler.size
+        if self.n_rows == 0:
+            raise DeepFMError("no training rows")
+        self.updater = Updater(model, cfg.lr, uses_sparse_update(model, cfg.embedding_update), cfg.wide_lr_scale)
+        self.early_stopping = EarlyStopping(cfg.monitor, cfg.patience, cfg.reduce_lr_on_plateau)
+        self.loss_fn = torch.nn.BCEWithLogitsLoss()
+        self.ranks, self.lead = dist.world(), dist.rank() == 0
+        if self.ranks > 1:
+            torch.manual_seed(cfg.seed + 7919 * dist.rank())  # dropout masks differ per rank; the init did not
+        self.random = RandomState(model)
+        self.position = Position()
+        self.batch_size = resolve_batch_size(cfg.batch_size, self.n_rows)
+        self.rank_batch = max(1, self.batch_size // self.ranks)  # the global batch stays batch_size rows
+        self.every = next((cb.every for cb in self.callbacks if cb.every), 0)  # steps between save points
+        self.evals = resolve_evals_per_epoch(cfg.evals_per_epoch, self.n_rows) if valid is not None else 1
+        self.validate_first = False
+        self._auc_warned = False
+
+    # ------------------------------------------------------------------ state
+    def components(self) -> dict[str, Stateful]:
+        return {"model": self.model, "optimizer": self.updater, "early_stopping": self.early_stopping,
+                "shuffle": self.shuffler, "rng": self.random, "position": self.position}
+
+    def state_dict(self) -> dict[str, Any]:
+        return {name: c.state_dict() for name, c in self.components().items()}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        missing = set(self.components()) - set(state)
+        if missing:
+            raise KeyError(f"no state for {sorted(missing)}")
+        for name, c in self.components().items():
+            c.load_state_dict(state[name])
+        self.model.clear_premade()
+
+    @staticmethod
+    def log(msg: str, console: bool = True, level: int = logging.INFO) -> None:
+        _log(msg, console, level)
+
+    # ------------------------------------------------------------------ the loop
+    def fit(self, validate_first: bool = False) -> list[dict[str, Any]]:
+        """Train from the current position to the end; returns the per-epoch history. ``validate_first``: the
+        starting weights (a warm start) are validated first, the baseline that training must beat."""
+        cfg, pos, model = self.cfg, self.position, self.model
+        self.validate_first = validate_first
+        for cb in self.callbacks:
+            cb.on_fit_start(self)
+        if self.progress and self.lead and next(model.parameters()).device.type == "cpu":
+            _log(f"fused CPU kernels: {kernels.status()}")  # built (once per machine) on first use
+        if self.log_path is not None and self.lead:  # the log holds exactly the epochs of the history
+            self.log_path.write_text("".join(json.dumps(r) + "\n" for r in pos.history))
+        if self.lead:
+            _log(f"training {model.cfg.model} on {self.n_rows:,} rows: batch {self.batch_size}, lr {cfg.lr:g}, up to "
+                 f"{cfg.epochs} epochs" + (f"; early stopping on validation {cfg.monitor}, patience {cfg.patience}"
+                                           if self.valid is not None else "; no validation set"),
+                 console=self.progress)
+        es = self.early_stopping
+        if validate_first and self.valid is not None and es.best_weights is None and pos.epoch == 1 and pos.step == 0:
+            self.validate()  # "epoch 0"
+        while not pos.done and pos.epoch <= cfg.epochs:
+            rec, stop = self.train_epoch()
+            self._end_epoch(rec, stop)
+        if es.best_weights is not None:
+            model.load_state_dict(es.best_weights)
+        return pos.history
+
+    def train_epoch(self) -> tuple[dict[str, Any], bool]:
+        """The rest of the epoch in progress (all of it, unless resumed inside it), with its validations;
+        returns its history record and whether early stopping decided to stop."""
+        cfg, pos, model = self.cfg, self.position, self.model
+        epoch = pos.epoch
+        model.train()
+        perm = self.shuffler.epoch(resumed=pos.step > 0)
+        steps_per_epoch = math.ceil(perm.size / self.rank_batch)
+        check = math.ceil(steps_per_epoch / self.evals)  # validate every `check` steps (and at the epoch end)
+        t0, eval_time, m, stop = time.perf_counter(), 0.0, None, False
+        bar = tqdm(total=perm.size, desc=f"epoch {epoch}/{cfg.epochs}", unit="row", unit_scale=True,
+                   disable=not self.progress or not self.lead, leave=False, mininterval=0.5)
+        bar.update(min(perm.size, pos.step * self.rank_batch))
+        model.clear_premade()
+        while pos.step < steps_per_epoch and not stop:
+            # up to the next save point: the loader thread stops there, so no dropout mask is drawn ahead
+            end = (steps_per_epoch if not self.every
+                   else min(steps_per_epoch, pos.step + self.every - pos.global_step % self.every))
+            if self.evals > 1:  # and up to the next validation inside the epoch
+                end = min(end, (pos.step // check + 1) * check)
+            self._steps(perm, end, steps_per_epoch, bar)
+            if self.evals > 1 and pos.step < steps_per_epoch and pos.step % check == 0:
+                t1 = time.perf_counter()
+                m, stop = self.validate()
+                eval_time += time.perf_counter() - t1
+                model.train()
+                if stop:  # early stop inside the epoch: the epoch record below closes it
+                    break
+            if self.every and pos.step < steps_per_epoch and pos.global_step % self.every == 0:
+                self._save_point()
+        bar.close()
+        train_time = time.perf_counter() - t0 - eval_time
+        rec: dict[str, Any] = {"epoch": epoch, "train_logloss": pos.loss_sum / pos.seen,
+                               "train_seconds": train_time, "train_rows_per_s": pos.seen / train_time,
+                               "lr": self.updater.lr, "batch_size": self.batch_size}
+        if self.valid is not None:
+            if not stop:
+                m, stop = self.validate()
+            assert m is not None
+            rec.update({f"valid_{k}": v for k, v in m.items()})
+            # the validations of this epoch (deterministic from the step, so also right after a resume); the
+            # best is in this epoch when fewer of them than that failed to improve
+            done_checks = pos.step // check if pos.step < steps_per_epoch else (steps_per_epoch - 1) // check + 1
+            es, first = self.early_stopping, not pos.history and not self.validate_first
+            rec["best_epoch"] = (None if es.best_weights is None else epoch
+                                 if first or es.bad < min(done_checks, self.evals)
+                                 else pos.history[-1]["best_epoch"] if pos.history else 0)
+        elif self.ranks > 1:
+            dist.allreduce_mean([b for b in model.buffers() if b.dtype.is_floating_point])
+        return rec, stop
+
+    def _steps(self, perm: np.ndarray, end: int, steps_per_epoch: int, bar: Any) -> None:
+        """Training steps pos.step .. end - 1 of the epoch ordered by ``perm``."""
+        pos, model, upd, rank_batch = self.position, self.model, self.updater, self.rank_batch
+        emb_l2 = model.cfg.embedding_l2
+
+        def make(step: int) -> tuple:
+            sel = np.sort(perm[step * rank_batch: (step + 1) * rank_batch])  # sorted: mmap locality
+            idx, val, y = self.train_source(sel)
+            if self.prefetch:
+                model.premake_dropout(len(sel))
+            return idx, val, y, upd.prepare(idx)
+
+        for idx, val, y, prepared in Prefetcher(make, end, threaded=self.prefetch, start=pos.step):
+            upd.begin(prepared)
+            with autocast(self.cfg.precision):
+                logit = model(idx, val).float()
+            loss = self.loss_fn(logit, y)
+            total = loss + emb_l2 * model.embedding_penalty(idx) if emb_l2 > 0 else loss
+            loss_value, checked = upd.backward(total, loss)
+            if not math.isfinite(checked):  # before the update: the weights stay those of the last step
+                raise self._diverged(f"the training loss is {checked}", pos.epoch, pos.step + 1)
+            upd.step()
+            pos.loss_sum += loss_value * len(y)
+            pos.seen += len(y)
+            pos.step += 1
+            pos.global_step += 1
+            if self.progress and (pos.step % 20 == 0 or pos.step == steps_per_epoch):
+                bar.update(min(perm.size, pos.step * rank_batch) - bar.n)
+                bar.set_postfix(loss=f"{pos.loss_sum / pos.seen:.4f}")
+
+    def validate(self) -> tuple[dict[str, float], bool]:
+        """Score validation and update early stopping (the best weights kept, the learning rate cut on a
+        plateau); returns (metrics with the monitored value, stop)."""
+        model, cfg, valid, pos = self.model, self.cfg, self.valid, self.position
+        assert valid is not None
+        if not _finite(model):
+            raise self._diverged("a weight is NaN or infinite", pos.epoch, pos.step)
+        vrows = self.valid_rows
+        if self.ranks > 1:  # the same batch-norm statistics everywhere; each rank scores a slice of validation
+            dist.allreduce_mean([b for b in model.buffers() if b.dtype.is_floating_point])
+            all_rows = np.arange(valid.rows) if vrows is None else vrows
+            parts = dist.gather_array(predict_logits(model, valid, all_rows[dist.rank()::self.ranks],
+                                                     cfg.eval_batch_size))
+            logits = np.empty(all_rows.size, dtype=np.float32)
+            for i, part in enumerate(parts):
+                logits[i::self.ranks] = part
+        else:
+            logits = predict_logits(model, valid, vrows, cfg.eval_batch_size)
+        labels = valid.labels()
+        assert labels is not None
+        m = evaluate(np.asarray(labels if vrows is None else labels[vrows]), sigmoid(logits))
+        d = self.early_stopping.update(m, model)
+        if d.name != cfg.monitor and not self._auc_warned and self.lead:
+            self._auc_warned = True
+            _log(f"validation AUC is undefined: all {m['rows']:,} validation rows have label "
+                 f"{int(round(m['observed_ctr']))}; early stopping monitors -logloss instead (give validation "
+                 "data with both classes: --valid FILE or a larger --valid-fraction)", level=logging.WARNING)
+        m["monitor"], m["monitored"] = d.name, d.value  # type: ignore[assignment]
+        if d.action == "reduce_lr":
+            assert self.early_stopping.best_weights is not None
+            model.load_state_dict(self.early_stopping.best_weights)
+            self.updater.scale_lr(0.1)
+            if self.lead:
+                _log(f"no gain for {_validations(cfg.patience)}: back to the best weights, learning rate "
+                     f"divided by 10 (now {self.updater.lr:g})", console=self.progress)
+        return m, d.stop
+
+    def _end_epoch(self, rec: dict[str, Any], stop: bool) -> None:
+        cfg, pos = self.cfg, self.position
+        epoch = rec["epoch"]
+        pos.history.append(rec)
+        if self.log_path is not None and self.lead:
+            with open(self.log_path, "a") as fh:
+                fh.write(json.dumps(rec) + "\n")
+        if self.lead:
+            best = self.early_stopping.best
+            _log(epoch_line(rec, cfg.epochs, best), console=self.progress)
+            if self.valid is not None and (stop or epoch >= cfg.epochs):
+                kept = (f"keeping epoch {rec['best_epoch']} ({rec['valid_monitor']} {best:.4f})"
+                        if rec["best_epoch"] is not None else "no epoch improved: keeping the last weights")
+                _log(f"stopped: no gain for {_validations(cfg.patience)}; {kept}" if stop else
+                     f"finished {cfg.epochs} epochs; {kept}", console=self.progress)
+            for cb in self.callbacks:
+                cb.on_epoch_end(self, rec)
+        pos.epoch, pos.step, pos.loss_sum, pos.seen, pos.done = epoch + 1, 0, 0.0, 0, stop or epoch >= cfg.epochs
+        self._save_point()
+
+    def _save_point(self) -> None:
+        """Never a NaN/inf weight over the last good state: the check comes first."""
+        if not _finite(self.model):
+            raise self._diverged("a weight is NaN or infinite", self.position.epoch, self.position.step)
+        for cb in self.callbacks:
+            cb.on_save_point(self)
+
+    def _diverged(self, what: str, epoch: int, step: int) -> DivergedError:
+        """Stop at the first non-finite loss or weight: nothing after it is saved, the best weights so far
+        go back into the model, and the last checkpoint (written before it) stays for inspection."""
+        if self.early_stopping.best_weights is not None:
+            self.model.load_state_dict(self.early_stopping.best_weights)
+        last_good = next((cb.last_good for cb in self.callbacks
+                          if isinstance(cb, CheckpointCallback) and cb.last_good is not None), None)
+        kept = (f"; the last good checkpoint ({last_good[0].name}: epoch {last_good[1]}, step {last_good[2]}) "
+                f"is kept in {last_good[0].parent}" if last_good is not None else "")
+        lr = self.updater.lr
+        return DivergedError(f"training diverged at epoch {epoch}, step {step}: {what} (learning rate {lr:g}). "
+                             f"Rerun with a lower learning rate, e.g. --lr {min(lr / 10, 1e-3):g}; no bundle was "
+                             f"written{kept}", epoch, step)
 
 
 def fit(
     model: CTRModel,
-    train: Batcher,
+    train: BatchSource,
     cfg: TrainConfig,
     train_rows: np.ndarray | None = None,
-    valid: Batcher | None = None,
+    valid: BatchSource | None = None,
     valid_rows: np.ndarray | None = None,
     log_path: Path | None = None,
     progress: bool = True,
@@ -341,234 +564,16 @@ def fit(
     resume: bool = False,
     validate_first: bool = False,
 ) -> list[dict[str, Any]]:
-    """Train ``model`` in place; returns the per-epoch history. With a validation set, keeps the weights
-    of the epoch with the best monitored validation metric (``cfg.monitor``).
+    """Train ``model`` in place (a ``Trainer``); returns the per-epoch history. With a validation set, keeps
+    the weights of the validation with the best monitored metric (``cfg.monitor``).
 
     checkpoints: write a checkpoint every ``checkpoints.every`` steps and at every epoch end; resume: first
     continue from the newest valid checkpoint there (a resumed run ends bit-identical on CPU)."""
-    threads = set_threads(cfg.threads)
-    tune_allocator()
-    # a loader thread only helps with a spare core: on a full machine it preempts the compute threads
-    prefetch = cfg.prefetch if isinstance(cfg.prefetch, bool) else available_cores() > threads
-    # an out-of-core ShardBatcher orders each epoch itself (shard by shard); in memory: a permutation of rows
-    sharded = hasattr(train, "epoch_order")
-    rows = None if sharded else (np.arange(train.rows) if train_rows is None else np.asarray(train_rows))
-    n_rows = train.rows if sharded else rows.size
-    if n_rows == 0:
-        raise DeepFMError("no training rows")
-    emb_l2 = model.cfg.embedding_l2
-    sparse = None
-    if uses_sparse_update(model, cfg.embedding_update):
-        sparse = SparseEmbeddings(model, cfg.lr)
-    tables = {id(t.weight) for t in sparse.tables} if sparse else set()
-    named = [(n, p) for n, p in model.named_parameters() if id(p) not in tables]
-    dense = [p for n, p in named if n.startswith("dnn.")]
-    # the first-order weights and the bias at wide_lr_scale x lr (their own group only when scaled)
-    wide = [p for n, p in named if n in ("bias", "w.weight")] if cfg.wide_lr_scale != 1 else []
-    other = [p for n, p in named if not n.startswith("dnn.") and not any(p is q for q in wide)]
-    # fused: one kernel per tensor for the whole Adam update (half the foreach time on CPU); same algorithm
-    groups = [{"params": other}, {"params": dense, "weight_decay": model.cfg.net_l2}]
-    opt = torch.optim.Adam(groups + ([{"params": wide, "lr": cfg.lr * cfg.wide_lr_scale}] if wide else []),
-                           lr=cfg.lr, fused=True)
-    loss_fn = torch.nn.BCEWithLogitsLoss()
-    rng = np.random.default_rng(cfg.seed)  # the epoch order: the same on every rank
-    ranks, lead = dist.world(), dist.rank() == 0
-    if ranks > 1:
-        torch.manual_seed(cfg.seed + 7919 * dist.rank())  # dropout masks differ per rank; the init did not
-        reduce = [p for p in model.parameters() if id(p) not in tables and p.requires_grad]
-    pos, best_state = Position(), None
-    last_good: tuple[Path, int, int] | None = None  # the newest checkpoint written (or resumed from)
-    if resume and checkpoints is not None:
-        found = checkpoints.latest(warn=_log)
-        if found is None:
-            _log(f"no checkpoint in {checkpoints.dir}: starting from the beginning")
-        else:
-            pos, best_state = checkpoints.restore(*found, model, opt, sparse, rng)
-            last_good = (found[0], pos.epoch, pos.step)
-            _log(f"resuming from {found[0].name}: epoch {pos.epoch}, step {pos.step}")
-    if progress and lead and next(model.parameters()).device.type == "cpu":
-        _log(f"fused CPU kernels: {kernels.status()}")  # built (once per machine) on first use
-    if log_path is not None and lead:  # the log holds exactly the epochs of the history (rewritten on resume)
-        log_path.write_text("".join(json.dumps(r) + "\n" for r in pos.history))
-    batch_size = resolve_batch_size(cfg.batch_size, n_rows)
-    rank_batch = max(1, batch_size // ranks)  # the global batch stays batch_size rows
-    every = checkpoints.every if checkpoints is not None else 0
-    evals = resolve_evals_per_epoch(cfg.evals_per_epoch, n_rows) if valid is not None else 1
-
-    if lead:
-        _log(f"training {model.cfg.model} on {n_rows:,} rows: batch {batch_size}, lr {cfg.lr:g}, up to {cfg.epochs} "
-             f"epochs" + (f"; early stopping on validation {cfg.monitor}, patience {cfg.patience}"
-                          if valid is not None else "; no validation set"), console=progress)
-    auc_warned = False
-
-    def diverged(what: str, epoch: int, step: int) -> DivergedError:
-        """Stop at the first non-finite loss or weight: nothing after it is saved, the best weights so far
-        go back into the model, and the last checkpoint (written before it) stays for inspection."""
-        if best_state is not None:
-            model.load_state_dict(best_state)
-        kept = (f"; the last good checkpoint ({last_good[0].name}: epoch {last_good[1]}, step {last_good[2]}) "
-                f"is kept in {last_good[0].parent}" if last_good is not None else "")
-        lr = opt.param_groups[0]["lr"]
-        return DivergedError(f"training diverged at epoch {epoch}, step {step}: {what} (learning rate {lr:g}). "
-                             f"Rerun with a lower learning rate, e.g. --lr {min(lr / 10, 1e-3):g}; no bundle was "
-                             f"written{kept}", epoch, step)
-
-    def save() -> None:
-        nonlocal last_good
-        if not _finite(model):  # never checkpoint NaN/inf weights over the last good state
-            raise diverged("a weight is NaN or infinite", pos.epoch, pos.step)
-        if checkpoints is not None and lead:
-            last_good = (checkpoints.save(model, opt, sparse, best_state, rng, pos), pos.epoch, pos.step)
-
-    def validate() -> tuple[dict[str, float], bool]:
-        """Score validation, keep the weights if the monitored value improved; returns (metrics, stop)."""
-        nonlocal best_state, auc_warned
-        if not _finite(model):
-            raise diverged("a weight is NaN or infinite", pos.epoch, pos.step)
-        vrows = valid_rows if valid_rows is not None else None
-        if ranks > 1:  # the same batch-norm statistics everywhere; each rank scores a slice of validation
-            dist.allreduce_mean([b for b in model.buffers() if b.dtype.is_floating_point])
-            all_rows = np.arange(valid.rows) if vrows is None else vrows
-            parts = dist.gather_array(predict_logits(model, valid, all_rows[dist.rank()::ranks],
-                                                     cfg.eval_batch_size))
-            logits = np.empty(all_rows.size, dtype=np.float32)
-            for i, part in enumerate(parts):
-                logits[i::ranks] = part
-        else:
-            logits = predict_logits(model, valid, vrows, cfg.eval_batch_size)
-        y_valid = valid.labels() if vrows is None else valid.labels()[vrows]
-        m = evaluate(np.asarray(y_valid), sigmoid(logits))
-        value, name = monitored(m, cfg.monitor)
-        if name != cfg.monitor and not auc_warned and lead:
-            auc_warned = True
-            _log(f"validation AUC is undefined: all {m['rows']:,} validation rows have label "
-                 f"{int(round(m['observed_ctr']))}; early stopping monitors -logloss instead (give validation "
-                 "data with both classes: --valid FILE or a larger --valid-fraction)", level=logging.WARNING)
-        m["monitor"], m["monitored"] = name, value
-        if value > pos.best + 1e-6:
-            pos.best, pos.bad_epochs = value, 0
-            best_state = copy.deepcopy(model.state_dict())
-        else:
-            pos.bad_epochs += 1
-        if pos.bad_epochs >= cfg.patience:
-            if cfg.reduce_lr_on_plateau and not pos.reduced:
-                pos.reduced, pos.bad_epochs = True, 0
-                model.load_state_dict(best_state)
-                for g in opt.param_groups:
-                    g["lr"] *= 0.1
-                if sparse:
-                    sparse.lr *= 0.1
-                if lead:
-                    _log(f"no gain for {_validations(cfg.patience)}: back to the best weights, learning rate "
-                         f"divided by 10 (now {opt.param_groups[0]['lr']:g})", console=progress)
-            else:
-                return m, True
-        return m, False
-
-    if validate_first and valid is not None and best_state is None and pos.epoch == 1 and pos.step == 0:
-        validate()  # the starting weights (a warm start) are the baseline that training must beat ("epoch 0")
-    while not pos.done and pos.epoch <= cfg.epochs:
-        epoch = pos.epoch
-        model.train()
-        if pos.step == 0:
-            pos.epoch_rng = copy.deepcopy(rng.bit_generator.state)
-        else:  # resumed inside the epoch: draw its permutation again from the state before it
-            rng.bit_generator.state = pos.epoch_rng
-        perm = train.epoch_order(rng) if sharded else rows[rng.permutation(n_rows)]
-        if ranks > 1:  # this rank's disjoint part: its shards (i % world), or every world-th row
-            owner = (np.searchsorted(train.starts, perm, side="right") - 1) % ranks if sharded else None
-            perm = dist.share(perm, owner)
-        steps_per_epoch = math.ceil(perm.size / rank_batch)
-        check = math.ceil(steps_per_epoch / evals)  # validate every `check` steps (and at the epoch end)
-        t0, eval_time, m, stop = time.perf_counter(), 0.0, None, False
-        bar = tqdm(total=perm.size, desc=f"epoch {epoch}/{cfg.epochs}", unit="row", unit_scale=True,
-                   disable=not progress or not lead, leave=False, mininterval=0.5)
-        bar.update(min(perm.size, pos.step * rank_batch))
-
-        def make(step: int, perm: np.ndarray = perm) -> tuple:
-            sel = np.sort(perm[step * rank_batch: (step + 1) * rank_batch])  # sorted: mmap locality
-            idx, val, y = train(sel)
-            if prefetch:
-                model.premake_dropout(len(sel))
-            return idx, val, y, (sparse.prepare(idx) if sparse else None)
-
-        model.clear_premade()
-        while pos.step < steps_per_epoch and not stop:
-            # up to the next checkpoint: the loader thread stops there, so no dropout mask is drawn ahead
-            end = steps_per_epoch if not every else min(steps_per_epoch, pos.step + every - pos.global_step % every)
-            if evals > 1:  # and up to the next validation inside the epoch
-                end = min(end, (pos.step // check + 1) * check)
-            for idx, val, y, rows_inv in Prefetcher(make, end, threaded=prefetch, start=pos.step):
-                if sparse:
-                    sparse.begin(*rows_inv)
-                with autocast(cfg.precision):
-                    logit = model(idx, val).float()
-                loss = loss_fn(logit, y)
-                total = loss + emb_l2 * model.embedding_penalty(idx) if emb_l2 > 0 else loss
-                opt.zero_grad(set_to_none=True)
-                total.backward()
-                loss_value = checked = loss.item()
-                if ranks > 1:
-                    for p in reduce:
-                        if p.grad is None:
-                            p.grad = torch.zeros_like(p)
-                    mean_loss = loss.detach().reshape(1).clone()  # in the same all-reduce: every rank sees
-                    dist.allreduce_mean([p.grad for p in reduce] + [mean_loss])  # a NaN on any rank
-                    checked = mean_loss.item()
-                if not math.isfinite(checked):  # before the update: the weights stay those of the last step
-                    raise diverged(f"the training loss is {checked}", epoch, pos.step + 1)
-                opt.step()
-                if sparse:
-                    sparse.step(dist.allgather_rows if ranks > 1 else None)
-                pos.loss_sum += loss_value * len(y)
-                pos.seen += len(y)
-                pos.step += 1
-                pos.global_step += 1
-                if progress and (pos.step % 20 == 0 or pos.step == steps_per_epoch):
-                    bar.update(min(perm.size, pos.step * rank_batch) - bar.n)
-                    bar.set_postfix(loss=f"{pos.loss_sum / pos.seen:.4f}")
-            if evals > 1 and pos.step < steps_per_epoch and pos.step % check == 0:
-                t1 = time.perf_counter()
-                m, stop = validate()
-                eval_time += time.perf_counter() - t1
-                model.train()
-                if stop:  # early stop inside the epoch: the epoch record below closes it
-                    break
-            if every and pos.step < steps_per_epoch and pos.global_step % every == 0:
-                save()
-        bar.close()
-        train_time = time.perf_counter() - t0 - eval_time
-        rec: dict[str, Any] = {"epoch": epoch, "train_logloss": pos.loss_sum / pos.seen,
-                               "train_seconds": train_time, "train_rows_per_s": pos.seen / train_time,
-                               "lr": opt.param_groups[0]["lr"], "batch_size": batch_size}
-        if valid is not None:
-            if not stop:
-                m, stop = validate()
-            rec.update({f"valid_{k}": v for k, v in m.items()})
-            # the validations of this epoch (deterministic from the step, so also right after a resume); the
-            # best is in this epoch when fewer of them than that failed to improve
-            done_checks = pos.step // check if pos.step < steps_per_epoch else (steps_per_epoch - 1) // check + 1
-            rec["best_epoch"] = (None if best_state is None else epoch
-                                 if (not pos.history and not validate_first) or pos.bad_epochs < min(done_checks, evals)
-                                 else pos.history[-1]["best_epoch"] if pos.history else 0)
-        elif ranks > 1:
-            dist.allreduce_mean([b for b in model.buffers() if b.dtype.is_floating_point])
-        pos.history.append(rec)
-        if log_path is not None and lead:
-            with open(log_path, "a") as fh:
-                fh.write(json.dumps(rec) + "\n")
-        if lead:
-            _log(epoch_line(rec, cfg.epochs, pos.best), console=progress)
-            if valid is not None and (stop or epoch >= cfg.epochs):
-                kept = (f"keeping epoch {rec['best_epoch']} ({rec['valid_monitor']} {pos.best:.4f})"
-                        if rec["best_epoch"] is not None else "no epoch improved: keeping the last weights")
-                _log(f"stopped: no gain for {_validations(cfg.patience)}; {kept}" if stop else
-                     f"finished {cfg.epochs} epochs; {kept}", console=progress)
-        if on_epoch and lead:
-            on_epoch(rec)
-        pos.epoch, pos.step, pos.loss_sum, pos.seen, pos.done = epoch + 1, 0, 0.0, 0, stop or epoch >= cfg.epochs
-        save()
-    history = pos.history
-    if best_state is not None:
-        model.load_state_dict(best_state)
-    return history
+    callbacks: list[Callback] = []
+    if checkpoints is not None:
+        callbacks.append(CheckpointCallback(checkpoints, resume))
+    if on_epoch is not None:
+        callbacks.append(OnEpoch(on_epoch))
+    trainer = Trainer(model, cfg, train, train_rows, valid, valid_rows, log_path=log_path, progress=progress,
+                      callbacks=callbacks)
+    return trainer.fit(validate_first=validate_first)
