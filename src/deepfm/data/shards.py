@@ -17,9 +17,7 @@ permutation instead): a block can be assigned without seeing the others.
 from __future__ import annotations
 
 import json
-import os
 import shutil
-import tempfile
 from collections import OrderedDict
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -31,6 +29,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import torch
 
+from deepfm import outputs
 from deepfm.data import readers
 from deepfm.data.preprocess import Encoded, Preprocessor, _bucket_tokens, _split_multi, _vocab_order, hash_collisions
 from deepfm.data.store import Batcher, FieldSpec, open_store, save_store
@@ -216,7 +215,7 @@ class _ShardWriter:
 def write_shards(blocks: Iterator[readers.ReadResult], pre: Preprocessor, out: Path, valid_fraction: float = 0.0,
                  seed: int = 0, shard_rows: int = 1_000_000) -> dict[str, Any]:
     """Encode every block and write ``out/train`` (and ``out/valid``) shards; returns the manifest."""
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
+    tmp = outputs.temp_dir(out)
     try:
         writers = {"train": _ShardWriter(tmp / "train", shard_rows)}
         if valid_fraction > 0:
@@ -234,9 +233,7 @@ def write_shards(blocks: Iterator[readers.ReadResult], pre: Preprocessor, out: P
         manifest = {"version": SHARDS_VERSION, "rows": done,
                     **{split: w.close() for split, w in writers.items()}}
         (tmp / "shards.json").write_text(json.dumps(manifest))
-        if out.exists():
-            shutil.rmtree(out)
-        os.replace(tmp, out)
+        outputs.publish_dir(tmp, out)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise

@@ -4,15 +4,14 @@ batcher that turns row indices into model inputs by slicing, with no per-sample 
 from __future__ import annotations
 
 import json
-import os
 import shutil
-import tempfile
 from pathlib import Path
 
 import numpy as np
 import torch
 import xxhash
 
+from deepfm import outputs
 from deepfm.data.preprocess import Encoded
 from deepfm.errors import DataError
 from deepfm.layout import FieldSpec, layout  # noqa: F401 (re-exported: the layout moved to deepfm.layout)
@@ -55,9 +54,8 @@ def cache_key(*parts: object) -> str:
 
 
 def save_store(enc: Encoded, directory: Path) -> None:
-    """Write atomically: a temporary sibling folder, then one rename."""
-    directory.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=directory.name + ".tmp", dir=directory.parent))
+    """Write atomically: a temporary sibling folder, then one rename (deepfm.outputs)."""
+    tmp = outputs.temp_dir(directory)
     try:
         np.save(tmp / "cat.npy", enc.cat)
         np.save(tmp / "num.npy", enc.num)
@@ -68,9 +66,7 @@ def save_store(enc: Encoded, directory: Path) -> None:
             np.save(tmp / f"multi.{name}.values.npy", val)
         (tmp / "meta.json").write_text(json.dumps({"rows": enc.rows, "multi": list(enc.multi),
                                                    "version": STORE_VERSION}))
-        if directory.exists():
-            shutil.rmtree(directory)
-        os.replace(tmp, directory)
+        outputs.publish_dir(tmp, directory)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
