@@ -28,7 +28,7 @@ def gemm_rate(dtype: torch.dtype, batch: int, d_in: int, hidden: list[int], seco
     """GFLOP/s of the MLP's GEMMs alone (forward, grad-input, grad-weight), no elementwise work.
 
     pad: run the grad-input GEMM with W's columns padded to a multiple of 16, as the trainer does
-    (models.layers._AlignedLinear): MKL is slower on ``g @ W`` when W's width (390 for the first layer)
+    (accel.mlp._AlignedLinear): MKL is slower on ``g @ W`` when W's width (390 for the first layer)
     is not a multiple of 16 (see ``grad_input_ms``). The rate still counts only the unpadded FLOPs, so the limit
     is that of the best layout, not of a slow one."""
     dims = [d_in, *hidden, 1]
@@ -82,7 +82,7 @@ def measure(threads: int, batch: int = 4096, d_in: int = 390, hidden: list[int] 
 
 def grad_input_ms(batch: int, d_in: int, width: int, calls: int = 20) -> dict:
     """Median ms of the first layer's grad-input GEMM ``g [batch, width] @ W [width, d_in]`` as is and with
-    W's columns zero-padded to a multiple of 16 (what models.layers._AlignedLinear runs)."""
+    W's columns zero-padded to a multiple of 16 (what accel.mlp._AlignedLinear runs)."""
     g, w = torch.randn(batch, width), torch.randn(width, d_in) * 0.05
     wp = torch.nn.functional.pad(w, (0, -d_in % 16))
     times: dict[str, list[float]] = {"plain": [], "padded": []}

@@ -1,5 +1,5 @@
 """Where a DeepFM training step's time goes: GEMMs versus everything else, from torch's profiler, and what
-the fused CPU kernels (``deepfm.models.kernels``) save against eager PyTorch.
+the fused CPU kernels (``deepfm.accel.kernels``) save against eager PyTorch.
 
     python benchmarks/profile_step.py --data DIR [--steps 20] [--threads 2] [--embedding-update dense]
                                       [--batch-norm --dropout 0.2 --embedding-l2 1e-3] [--ab 8]
@@ -23,11 +23,11 @@ from pathlib import Path
 import numpy as np
 from torch.profiler import profile
 
+from deepfm.accel import kernels
 from deepfm.data import readers
 from deepfm.data.preprocess import Preprocessor
 from deepfm.data.store import Batcher, layout
-from deepfm.models import kernels
-from deepfm.models.ctr import ModelConfig, build_model
+from deepfm.models import ModelConfig, build_model
 from deepfm.train.trainer import TrainConfig, fit
 
 

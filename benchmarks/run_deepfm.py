@@ -26,7 +26,7 @@ from gemm import measure as gemm_measure  # benchmarks/gemm.py, next to this scr
 from deepfm.data import readers
 from deepfm.data.preprocess import Preprocessor
 from deepfm.data.store import Batcher, layout
-from deepfm.models.ctr import ModelConfig, build_model
+from deepfm.models import ModelConfig, build_model
 from deepfm.serve.fastpath import NumpyForward
 from deepfm.train.metrics import evaluate
 from deepfm.train.trainer import TrainConfig, fit, predict_logits, seed_everything, set_threads, sigmoid

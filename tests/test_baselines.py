@@ -11,8 +11,9 @@ from deepfm.data import readers
 from deepfm.data.preprocess import Preprocessor
 from deepfm.data.store import Batcher, layout
 from deepfm.errors import BundleError
+from deepfm.models import build_model
 from deepfm.models.baselines import FMDNN, FNN, init_from_fm
-from deepfm.models.ctr import MODEL_NAMES, CTRModel, ModelConfig, build_model
+from deepfm.models.ctr import MODEL_NAMES, CTRModel, ModelConfig
 from deepfm.models.layers import fm_second_order
 from deepfm.schema import Field, Schema
 from deepfm.serve.bundle import Bundle

@@ -5,9 +5,11 @@ import numpy as np
 import pytest
 import torch
 
+from deepfm.accel import accelerate
+from deepfm.accel.embedding import gather_rows
 from deepfm.data.store import FieldSpec
 from deepfm.models.ctr import CTRModel, ModelConfig
-from deepfm.models.layers import FastDropout, gather_rows
+from deepfm.models.layers import MLP, FastDropout
 from deepfm.train.sparse import SparseEmbeddings, UniqueRows
 from deepfm.train.trainer import Prefetcher, TrainConfig
 
@@ -18,7 +20,7 @@ FIELDS = [FieldSpec("a", "cat", 50, 1), FieldSpec("b", "cat", 70, 1), FieldSpec(
 @pytest.fixture
 def kernels():
     """The fused CPU kernels module; the test is skipped where they could not be built."""
-    from deepfm.models import kernels as k
+    from deepfm.accel import kernels as k
 
     if k.library() is None:
         pytest.skip(f"fused kernels unavailable: {k.status()}")
@@ -236,7 +238,7 @@ def test_auto_embedding_update_switches_on_table_size(monkeypatch):
 
 
 def test_aligned_linear_matches_nn_linear_and_is_used_only_when_training():
-    from deepfm.models.layers import _AlignedLinear, linear
+    from deepfm.accel.mlp import _AlignedLinear, linear
 
     torch.manual_seed(0)
     layer = torch.nn.Linear(390, 24)  # 390 % 16 != 0: the padded grad-input path
@@ -256,10 +258,8 @@ def test_aligned_linear_matches_nn_linear_and_is_used_only_when_training():
 
 
 def _mlp_step(hidden, p, seed=0):
-    from deepfm.models.layers import MLP
-
     torch.manual_seed(seed)
-    mlp = MLP(37, hidden, p, False, "relu").train()
+    mlp = accelerate(MLP(37, hidden, p, False, "relu")).train()
     x = torch.randn(70, 37, requires_grad=True)
     out = mlp(x)
     g = torch.randn_like(out)
@@ -279,9 +279,7 @@ def test_fused_linear_relu_dropout_kernels_match_the_eager_path(p, monkeypatch, 
 
 
 def test_fused_path_is_used_when_training_and_eager_otherwise(kernels):
-    from deepfm.models.layers import MLP
-
-    mlp = MLP(16, [8], 0.5, False, "relu").train()
+    mlp = accelerate(MLP(16, [8], 0.5, False, "relu")).train()
     x = torch.randn(4, 16)
 
     def fns(y):  # the autograd nodes of the graph, by name
@@ -294,13 +292,14 @@ def test_fused_path_is_used_when_training_and_eager_otherwise(kernels):
         return {type(f).__name__ for f in seen}
 
     assert any("LinearReLUDropout" in n for n in fns(mlp(x)))
-    assert not any("LinearReLUDropout" in n for n in fns(MLP(16, [8], 0.5, True, "relu").train()(x)))  # BN between
+    with_bn = accelerate(MLP(16, [8], 0.5, True, "relu")).train()
+    assert not any("LinearReLUDropout" in n for n in fns(with_bn(x)))  # BN between
     with torch.no_grad():
         assert mlp.eval()(x).grad_fn is None
 
 
 def test_kernels_can_be_turned_off(monkeypatch, tmp_path):
-    from deepfm.models import kernels
+    from deepfm.accel import kernels
 
     monkeypatch.setenv("DEEPFM_KERNELS", "0")
     monkeypatch.setattr(kernels, "_state", {})
@@ -318,14 +317,16 @@ def test_fused_embedding_and_fm_kernels_match_the_eager_path(kind, monkeypatch, 
 
     def step():
         torch.manual_seed(3)
-        model = CTRModel(FIELDS, ModelConfig(model=kind, embed_dim=5, hidden=[24, 16], init_std=0.1)).train()
+        cfg = ModelConfig(model=kind, embed_dim=5, hidden=[24, 16], init_std=0.1)
+        model = accelerate(CTRModel(FIELDS, cfg)).train()
         loss = torch.nn.functional.binary_cross_entropy_with_logits(model(idx, val), y)
         names, params = zip(*[(n, p) for n, p in model.named_parameters()], strict=True)
         return loss, dict(zip(names, torch.autograd.grad(loss, params), strict=True))
 
     def scores():
         torch.manual_seed(3)
-        model = CTRModel(FIELDS, ModelConfig(model=kind, embed_dim=5, hidden=[24, 16], init_std=0.1)).eval()
+        cfg = ModelConfig(model=kind, embed_dim=5, hidden=[24, 16], init_std=0.1)
+        model = accelerate(CTRModel(FIELDS, cfg)).eval()
         with torch.no_grad():
             return model(idx, val)
 
@@ -341,12 +342,9 @@ def test_fused_embedding_and_fm_kernels_match_the_eager_path(kind, monkeypatch, 
 
 @pytest.mark.parametrize("p", [0.5, 0.2])
 def test_fused_batch_norm_path_matches_eager_including_running_statistics(p, monkeypatch, kernels):
-    from deepfm.models.layers import MLP
-
-
     def step():
         torch.manual_seed(1)
-        mlp = MLP(37, [45, 33], p, True, "relu").train()
+        mlp = accelerate(MLP(37, [45, 33], p, True, "relu")).train()
         with torch.no_grad():
             for m in mlp.net:
                 if isinstance(m, torch.nn.BatchNorm1d):
@@ -373,8 +371,8 @@ def test_fused_embedding_l2_penalty_matches_the_eager_path(kind, monkeypatch, ke
 
     def step():
         torch.manual_seed(3)
-        model = CTRModel(FIELDS, ModelConfig(model=kind, embed_dim=5, hidden=[24], init_std=0.1,
-                                             embedding_l2=0.05)).train()
+        model = accelerate(CTRModel(FIELDS, ModelConfig(model=kind, embed_dim=5, hidden=[24], init_std=0.1,
+                                                        embedding_l2=0.05))).train()
         logit = model(idx, val)
         pen = model.embedding_penalty(idx)
         loss = torch.nn.functional.binary_cross_entropy_with_logits(logit, y) + 0.05 * pen

@@ -14,7 +14,7 @@ from deepfm import pipeline
 from deepfm.cli import main
 from deepfm.data import readers
 from deepfm.data.preprocess import Preprocessor
-from deepfm.models.ctr import build_model
+from deepfm.models import build_model
 from deepfm.schema import OOV
 from deepfm.serve.bundle import load
 from deepfm.serve.predictor import Predictor

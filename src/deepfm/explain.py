@@ -59,9 +59,7 @@ def has_fm(model: CTRModel) -> bool:
 
 def has_first_order(model: CTRModel) -> bool:
     """True when the logit adds sum_i w_i x_i directly (FNN feeds w_i x_i to its MLP instead)."""
-    from deepfm.models.baselines import FNN
-
-    return getattr(model, "w", None) is not None and not isinstance(model, FNN)
+    return getattr(model, "w", None) is not None and bool(getattr(model, "FIRST_ORDER_TERM", False))
 
 
 def _table(model: CTRModel):
@@ -128,14 +126,15 @@ class Accumulator:
         step = _gram_batch(self.f)
         for s in range(0, idx.shape[0], step):
             i, v = idx[s: s + step], val[s: s + step]
+            tables = self.model.embed(i, v)  # {table: [B, F, dim]} exactly as the model computes them
             if self.fm_part:
-                e = self.model.v(i, v).float()  # [B, F, K] exactly as the model computes it
+                e = tables["v"].float()  # [B, F, K]
                 gram = torch.bmm(e, e.transpose(1, 2))  # [B, F, F]: <e_i, e_j>
                 self.pair += gram.abs().sum(0).double().numpy()
                 others = (e * (e.sum(1, keepdim=True) - e)).sum(-1)  # [B, F]: <e_i, sum_{j != i} e_j>
                 self.fm_sum += others.abs().sum(0).double().numpy()
             if self.first:
-                self.first_sum += self.model.w(i, v).float()[..., 0].abs().sum(0).double().numpy()
+                self.first_sum += tables["w"].float()[..., 0].abs().sum(0).double().numpy()
             self.rows += i.shape[0]
 
     def _mean(self, total: np.ndarray) -> np.ndarray:

@@ -34,7 +34,8 @@ from deepfm.data.store import (
     save_store,
 )
 from deepfm.errors import DataError, DeepFMError
-from deepfm.models.ctr import CTRModel, ModelConfig, build_model
+from deepfm.models.build import build_model
+from deepfm.models.ctr import MODELS, CTRModel, ModelConfig
 from deepfm.schema import Schema
 from deepfm.serve import bundle as bundle_mod
 from deepfm.train import distributed as dist
@@ -362,7 +363,7 @@ def wide_start(model: CTRModel, prepared: Prepared, train_cfg: TrainConfig) -> d
     mode, rows = train_cfg.wide_start, train_row_count(prepared)
     if not (mode is True or (mode == "auto" and rows < AUTO_WIDE_START_ROWS)) or prepared.valid is None:
         return None
-    if type(model) is not CTRModel or model.w is None or (model.v is None and model.dnn is None):
+    if model.cfg.model not in MODELS or model.w is None or (model.v is None and model.dnn is None):
         return None
     fields = prepared.fields
     lr_model = build_model(fields, ModelConfig.from_dict({**model.cfg.to_dict(), "model": "lr"}), rows)

@@ -1,4 +1,4 @@
-/* Fused CPU passes for a training step's MLP (see deepfm/models/kernels.py, which compiles and loads this).
+/* Fused CPU passes for a training step's MLP (see deepfm/accel/kernels.py, which compiles and loads this).
  *
  * Eager PyTorch spends 5-6 memory passes over each [batch, width] activation around a hidden layer's GEMMs
  * (bias copy, mask, multiply, ReLU; ReLU/dropout backward, scale, bias-gradient sum). Here each direction is

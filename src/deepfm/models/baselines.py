@@ -13,35 +13,28 @@ multi-valued fields into their field: ``e = v(idx, val)`` is [B, F, K] with e_i 
 - pnnstar: logit = b + MLP([e_1..e_F, <e_i, e_j>_{i<j}, vec(f f^T)])           (PNN*: both)
 - fmdnn:   logit = b + sum_i x_i w_i + sum_{i<j} <x_i v_i, x_j v_j> + MLP([x_i u_i]_{i=1..F}), u a SECOND table
 
-Each subclass computes its logit in ``head(e)`` from the pooled outputs of its tables (``tables()``), so
-``forward`` and the ONNX export (serve/export.py) evaluate the same code.
+Each subclass says what its MLP reads (``DNN_INPUT``, or ``dnn_input(e)`` from the pooled outputs of its
+tables) and which terms the logit has (``BLOCKS``, ``FIRST_ORDER_TERM``); ``CTRModel.head`` adds them, for
+``forward``, the ONNX export (serve/export.py) and the numpy fast path alike.
 """
 
 from __future__ import annotations
 
 import torch
 
-from deepfm.data.store import FieldSpec
+from deepfm.layout import FieldSpec
 from deepfm.models.ctr import CTRModel, ModelConfig
-from deepfm.models.layers import FusedTable, InnerProducts, fm_second_order, outer_product_sum
+from deepfm.models.layers import FusedTable, InnerProducts, outer_product_sum
 
 
 class Baseline(CTRModel):
-    """CTRModel's blocks (``bias``, ``w`` if ``BLOCKS[0]``, ``v``, ``dnn`` of width ``dnn_width``) with the logit
-    given by ``head``."""
+    """CTRModel's blocks (``bias``, ``w`` if ``BLOCKS[0]``, ``v``, ``dnn`` of width ``dnn_width``), chosen by the
+    class rather than by ``cfg.model``; the logit is ``CTRModel.head``'s."""
 
     BLOCKS: tuple[bool, bool, bool] = (False, False, True)  # (first-order table, FM term, MLP)
 
     def blocks(self, cfg: ModelConfig) -> tuple[bool, bool, bool]:
         return self.BLOCKS
-
-    def forward(self, idx: torch.Tensor, val: torch.Tensor) -> torch.Tensor:
-        """idx [B, S] int64, val [B, S] float32 -> logits [B]."""
-        return self.head({name: table(idx, val) for name, table in self.tables().items()})
-
-    def head(self, e: dict[str, torch.Tensor]) -> torch.Tensor:
-        """{table name: [B, F, dim] pooled x_i * row_i} -> logits [B]."""
-        raise NotImplementedError
 
 
 class FNN(Baseline):
@@ -54,13 +47,11 @@ class FNN(Baseline):
     the ``dnn`` kind plus the first-order inputs."""
 
     BLOCKS = (True, False, True)
+    DNN_INPUT = ("w", "v")  # [B, F, 1 + K]: (x_i w_i, x_i v_i) per field
+    FIRST_ORDER_TERM = False
 
     def dnn_width(self, fields: list[FieldSpec]) -> int:
         return len(fields) * (self.cfg.embed_dim + 1)
-
-    def head(self, e: dict[str, torch.Tensor]) -> torch.Tensor:
-        z = torch.cat([e["w"], e["v"]], dim=2)  # [B, F, 1 + K]: (x_i w_i, x_i v_i) per field
-        return self.bias + self.dnn(z.flatten(1))
 
 
 class PNN(Baseline):
@@ -94,8 +85,8 @@ class PNN(Baseline):
             parts.append(outer_product_sum(e))
         return torch.cat(parts, dim=1)
 
-    def head(self, e: dict[str, torch.Tensor]) -> torch.Tensor:
-        return self.bias + self.dnn(self.product_layer(e["v"]))
+    def dnn_input(self, e: dict[str, torch.Tensor]) -> torch.Tensor:
+        return self.product_layer(e["v"])
 
 
 class IPNN(PNN):
@@ -127,13 +118,11 @@ class FMDNN(Baseline):
     ``v_dnn`` [rows, K] (u above) is the DNN's own embedding table, with the same rows and slot offsets."""
 
     BLOCKS = (True, True, True)
+    DNN_INPUT = ("v_dnn",)
 
     def __init__(self, fields: list[FieldSpec], cfg: ModelConfig) -> None:
         super().__init__(fields, cfg)
         self.v_dnn = FusedTable(fields, cfg.embed_dim, std=cfg.init_std)
-
-    def head(self, e: dict[str, torch.Tensor]) -> torch.Tensor:
-        return self.bias + e["w"].sum(dim=(1, 2)) + fm_second_order(e["v"]) + self.dnn(e["v_dnn"].flatten(1))
 
 
 BASELINE_CLASSES: dict[str, type[Baseline]] = {"fnn": FNN, "ipnn": IPNN, "opnn": OPNN, "pnnstar": PNNStar,

@@ -8,7 +8,7 @@
 - the embeddings ``v`` are ONE table shared by the FM and the DNN (the paper's key point).
 
 The other baselines of the paper's Table 2 (FNN, IPNN, OPNN, PNN*, FM&DNN) are subclasses in
-models/baselines.py; ``build_model`` builds any of them by name (``MODEL_NAMES``).
+models/baselines.py; ``models.build.build_model`` builds any of them by name (``MODEL_NAMES``).
 """
 
 from __future__ import annotations
@@ -19,7 +19,8 @@ from typing import Any
 import torch
 from torch import nn
 
-from deepfm.data.store import FieldSpec
+from deepfm.config import MODEL_NAMES  # the one list (MODELS + BASELINES), re-exported
+from deepfm.layout import FieldSpec
 from deepfm.models.layers import MLP, FastDropout, FusedTable, fm_second_order
 
 # name -> (first order, FM second order, DNN) for the kinds CTRModel itself computes; "wdl" is the paper's
@@ -28,7 +29,6 @@ MODELS = {"lr": (True, False, False), "fm": (True, True, False), "deepfm": (True
           "dnn": (False, False, True), "wdl": (True, False, True)}
 # the kinds built by models/baselines.py (FNN, the three PNNs, FM&DNN)
 BASELINES = ("fnn", "ipnn", "opnn", "pnnstar", "fmdnn")
-MODEL_NAMES = (*MODELS, *BASELINES)
 # Per-model defaults for options a config leaves unset (None). The DeepFM paper (Sec. 3.1, "Parameter
 # Settings") follows Qu et al. 2016: "tanh for IPNN, relu for other deep models". An explicit value wins.
 DEFAULTS: dict[str, Any] = {"activation": "relu"}
@@ -68,7 +68,26 @@ class ModelConfig:
 
 
 class CTRModel(nn.Module):
-    """forward(idx [B, S] int64, val [B, S] float32) -> logits [B]."""
+    """``forward(idx [B, S] int64, val [B, S] float32) -> logits [B]``, in two steps (the model protocol
+    that export, explain and the numpy fast path call too):
+
+    - ``embed(idx, val)`` -> {table name: [B, F, dim]}: e_i = x_i * row_i of each table (``w``: [B, F, 1]
+      first-order weights, ``v``: [B, F, K] embeddings), multi-valued slots pooled into their field;
+    - ``head(e)`` -> logits [B]: paper eq. 1 from those.
+
+    Plain PyTorch; ``deepfm.accel.accelerate(model)`` swaps in the fused CPU kernels (same parameters,
+    same state_dict, same numbers).
+
+    >>> from deepfm.layout import FieldSpec
+    >>> fields = [FieldSpec("user", "cat", 100, 1), FieldSpec("age", "num", 2, 1)]
+    >>> model = CTRModel(fields, ModelConfig(embed_dim=4, hidden=[8]))
+    >>> idx, val = torch.tensor([[7, 1], [9, 1]]), torch.tensor([[1.0, 0.3], [1.0, -1.2]])
+    >>> {name: tuple(e.shape) for name, e in model.embed(idx, val).items()}, model(idx, val).shape
+    ({'w': (2, 2, 1), 'v': (2, 2, 4)}, torch.Size([2]))
+    """
+
+    DNN_INPUT: tuple[str, ...] = ("v",)  # the tables the MLP reads, concatenated per field (see dnn_input)
+    FIRST_ORDER_TERM = True  # sum_i w_i x_i is a term of the logit (FNN feeds w to its MLP instead)
 
     def __init__(self, fields: list[FieldSpec], cfg: ModelConfig) -> None:
         super().__init__()
@@ -79,8 +98,30 @@ class CTRModel(nn.Module):
         self.v = FusedTable(fields, cfg.embed_dim, std=cfg.init_std) if (self.use_fm or self.use_dnn) else None
         self.dnn = (MLP(self.dnn_width(fields), cfg.hidden, cfg.dropout, cfg.batch_norm, cfg.activation)
                     if self.use_dnn else None)
-        # (idx, sum of squares of the rows it used), from the fused forward of that idx (embedding_penalty)
-        self._penalty: tuple[torch.Tensor, torch.Tensor] | None = None
+
+    def forward(self, idx: torch.Tensor, val: torch.Tensor) -> torch.Tensor:
+        return self.head(self.embed(idx, val))
+
+    def embed(self, idx: torch.Tensor, val: torch.Tensor) -> dict[str, torch.Tensor]:
+        """{table name: [B, F, dim]} for every table (``tables()``)."""
+        return {name: table(idx, val) for name, table in self.tables().items()}
+
+    def head(self, e: dict[str, torch.Tensor]) -> torch.Tensor:
+        """Paper eq. 1, y = sigmoid(b + y_first + y_FM + y_DNN), before the sigmoid; the terms this kind has."""
+        logit = self.bias  # [1], broadcast over the batch
+        if self.w is not None and self.FIRST_ORDER_TERM:
+            logit = logit + e["w"].sum(dim=(1, 2))  # y_first = sum_i w_i x_i
+        if self.use_fm:
+            logit = logit + fm_second_order(e["v"])  # y_FM = sum_{i<j} <v_i, v_j> x_i x_j (eq. 2)
+        if self.dnn is not None:
+            logit = logit + self.dnn(self.dnn_input(e))  # y_DNN (eq. 3-4)
+        return logit
+
+    def dnn_input(self, e: dict[str, torch.Tensor]) -> torch.Tensor:
+        """[B, dnn_width]: a^(0) = [e_1, ..., e_F] (eq. 3) of the ``DNN_INPUT`` tables, concatenated per field."""
+        if len(self.DNN_INPUT) == 1:
+            return e[self.DNN_INPUT[0]].flatten(1)
+        return torch.cat([e[name] for name in self.DNN_INPUT], dim=2).flatten(1)
 
     def blocks(self, cfg: ModelConfig) -> tuple[bool, bool, bool]:
         """(first-order table ``w``, FM term, MLP ``dnn``) of this model kind (``v`` exists with FM or DNN)."""
@@ -94,30 +135,16 @@ class CTRModel(nn.Module):
 
     def tables(self) -> dict[str, FusedTable]:
         """Every fused table of the model by attribute name (``w``, ``v``, and any a subclass adds), in
-        registration order: what the sparse update and ``embedding_penalty`` must cover."""
+        registration order: what ``embed``, the sparse update and ``embedding_penalty`` cover."""
         return {name: m for name, m in self.named_children() if isinstance(m, FusedTable)}
 
-    def forward(self, idx: torch.Tensor, val: torch.Tensor) -> torch.Tensor:
-        logit = self.bias.expand(idx.shape[0])
-        self._penalty = None
-        if self.v is not None and self.v.fusable(idx, val):  # CPU: the same terms, C kernels
-            want = self.cfg.embedding_l2 > 0 and self.training and torch.is_grad_enabled()
-            e, y_fm, y_first, pen = self.v.fused(idx, val, self.use_fm, self.w, penalty=want)
-            if pen is not None and set(self.tables()) == {n for n in ("w", "v") if getattr(self, n) is not None}:
-                self._penalty = (idx, pen)  # embedding_penalty(idx) returns it: no second gather
-            for y in (y_first, y_fm):
-                if y is not None:
-                    logit = logit + y
-            return logit + self.dnn(e.flatten(1)) if self.dnn is not None else logit
-        if self.w is not None:
-            logit = logit + self.w(idx, val).sum(dim=(1, 2))
-        if self.v is not None:
-            e = self.v(idx, val)  # [B, F, K], shared by FM and DNN
-            if self.use_fm:
-                logit = logit + fm_second_order(e)
-            if self.dnn is not None:
-                logit = logit + self.dnn(e.flatten(1))
-        return logit
+    def embedding_penalty(self, idx: torch.Tensor) -> torch.Tensor:
+        """Sum of squares of the table rows this batch uses (so the cost scales with the batch, not the
+        vocabulary), divided by the batch size; multiply by ``embedding_l2``."""
+        total = self.bias.new_zeros(())
+        for table in self.tables().values():
+            total = total + table.rows(idx).pow(2).sum()
+        return total / idx.shape[0]
 
     def premake_dropout(self, batch: int) -> None:
         """Draw the dropout masks of a coming training step of ``batch`` rows (see FastDropout.premake)."""
@@ -135,17 +162,6 @@ class CTRModel(nn.Module):
             if isinstance(layer, FastDropout):
                 layer.pending.clear()
 
-    def embedding_penalty(self, idx: torch.Tensor) -> torch.Tensor:
-        """Sum of squares of the table rows this batch uses (so the cost scales with the batch, not the
-        vocabulary), divided by the batch size; multiply by ``embedding_l2``."""
-        if self._penalty is not None and self._penalty[0] is idx:
-            pen, self._penalty = self._penalty[1], None
-            return pen / idx.shape[0]
-        total = self.bias.new_zeros(())
-        for table in self.tables().values():
-            total = total + table.rows(idx).pow(2).sum()
-        return total / idx.shape[0]
-
 
 # batch_norm "auto": batch norm in the MLP from this many training rows up. Measured (docs/quality.md): on the
 # 8-9k-row Criteo/Avazu samples it costs 0.02-0.03 test AUC (the MLP fits the training rows within 2-3
@@ -160,15 +176,3 @@ def resolve_config(cfg: ModelConfig, rows: int | None) -> ModelConfig:
     if rows is None:
         raise ValueError("batch_norm 'auto' needs the number of training rows")
     return ModelConfig.from_dict({**cfg.to_dict(), "batch_norm": rows >= AUTO_BATCH_NORM_ROWS})
-
-
-def build_model(fields: list[FieldSpec], cfg: ModelConfig, rows: int | None = None) -> CTRModel:
-    """Any model of ``MODEL_NAMES`` by ``cfg.model``; ``rows``: the training rows (for the ``auto`` options)."""
-    cfg = resolve_config(cfg, rows)
-    if cfg.model in MODELS:
-        return CTRModel(fields, cfg)
-    from deepfm.models.baselines import BASELINE_CLASSES
-
-    if cfg.model not in BASELINE_CLASSES:
-        raise ValueError(f"unknown model {cfg.model!r} (expected one of {', '.join(MODEL_NAMES)})")
-    return BASELINE_CLASSES[cfg.model](fields, cfg)

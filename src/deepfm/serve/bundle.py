@@ -34,11 +34,13 @@ import torch
 from safetensors.torch import save_file
 
 from deepfm import __version__, outputs
+from deepfm.accel import accelerate
 from deepfm.data.preprocess import Preprocessor
 from deepfm.data.store import FieldSpec, layout
 from deepfm.errors import BundleError, DeepFMError
 from deepfm.models.baselines import BASELINE_CLASSES
-from deepfm.models.ctr import MODELS, CTRModel, ModelConfig, build_model
+from deepfm.models.build import build_model
+from deepfm.models.ctr import MODELS, CTRModel, ModelConfig
 from deepfm.models.layers import MLP
 from deepfm.schema import from_dict as schema_from_dict
 
@@ -482,7 +484,7 @@ def _load(d: Path, dir_fd: int, verify: bool) -> Bundle:
         header, start = _header(d, wfd, wsize)
         _check_claims(d, fields, cfg, header)
         state, buf = _weights(d, wfd, wsize, start, header)
-        model = build_model(fields, cfg)
+        model = accelerate(build_model(fields, cfg))  # scored with the fused CPU kernels (deepfm.accel)
         try:
             model.load_state_dict(state, strict=True)
         except (RuntimeError, OSError) as e:

@@ -4,13 +4,11 @@ The exported graph takes the model's own inputs, ``idx`` [batch, slots] int64 an
 float32 (see data.store.Batcher), with a dynamic batch axis, and returns ``logit`` [batch] and
 ``probability`` [batch] (= sigmoid(logit)), both float32.
 
-It is traced from :class:`_ExportForward`, which evaluates the same equations as ``CTRModel.forward`` from the
-model's parameters with ops every exporter and runtime handles: a plain ``Gather`` for the table rows (the
-training path's custom autograd gather is not exportable) and, for multi-valued fields, a MatMul with a
-fixed [F, S] 0/1 pooling matrix instead of ``index_add_``. The training code is left untouched. The
-baselines of models/baselines.py (FNN, the PNNs, FM&DNN) go through the same table lookups and then their
-own ``head`` (plain tensor ops), so their export evaluates the model's own equations; any other model kind
-is refused with a BundleError.
+It is traced from :class:`_ExportForward`: the model protocol's two steps, ``embed`` in ops every exporter
+and runtime handles (a plain ``Gather`` for the table rows and, for multi-valued fields, a MatMul with a
+fixed [F, S] 0/1 pooling matrix instead of ``index_add_``), then the model's own ``head`` (plain tensor ops),
+so the export evaluates the model's own equation for every kind of ``MODEL_NAMES``; any other model is
+refused with a BundleError.
 
 We use the legacy TorchScript-based exporter (``dynamo=False``): on torch 2.13 it exports these models in a
 fraction of a second with a clean graph, where the dynamo exporter takes seconds and logs a lot; its
@@ -30,23 +28,22 @@ from torch import nn
 
 from deepfm import __version__, outputs
 from deepfm.errors import BundleError
-from deepfm.models.baselines import Baseline
-from deepfm.models.ctr import MODELS, CTRModel
-from deepfm.models.layers import fm_second_order
+from deepfm.models.ctr import MODEL_NAMES, CTRModel
 
 INPUTS = ("idx", "val")
 OUTPUTS = ("logit", "probability")
 
 
 class _ExportForward(nn.Module):
-    """``(idx [B, S] int64, val [B, S] float32) -> (logit [B], probability [B])``, CTRModel.forward's equations
-    in export-friendly ops. Call on an eval-mode model (batch norm uses its running statistics)."""
+    """``(idx [B, S] int64, val [B, S] float32) -> (logit [B], probability [B])``: ``model.head`` of the
+    tables' pooled outputs, looked up in export-friendly ops. Call on an eval-mode model (batch norm uses its
+    running statistics)."""
 
     def __init__(self, model: CTRModel) -> None:
         super().__init__()
-        if not isinstance(model, Baseline) and getattr(model.cfg, "model", None) not in MODELS:
+        if getattr(model.cfg, "model", None) not in MODEL_NAMES:
             raise BundleError(f"cannot export a model of kind {getattr(model.cfg, 'model', None)!r}: the exporter "
-                              f"covers {', '.join(MODELS)} and the baselines of deepfm.models.baselines")
+                              f"covers {', '.join(MODEL_NAMES)}")
         self.model = model
         table = model.v if model.v is not None else model.w
         assert table is not None  # every model kind has a first-order or an embedding table
@@ -57,33 +54,18 @@ class _ExportForward(nn.Module):
         self.slots = int(table.slot_offsets.numel())
 
     def forward(self, idx: torch.Tensor, val: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        m = self.model
-        rows = idx + self.offsets  # [B, S] rows of the fused tables
-        x = val.unsqueeze(-1)  # [B, S, 1]
-        if isinstance(m, Baseline):  # the model's own head on the pooled table outputs (as its forward)
-            logit = m.head({name: self._pooled(t.weight, rows, x) for name, t in m.tables().items()})
-            return logit, torch.sigmoid(logit)
-        terms: list[torch.Tensor] = []  # [B] each, added in CTRModel.forward's order
-        if m.w is not None:
-            terms.append((nn.functional.embedding(rows, m.w.weight) * x).sum(dim=(1, 2)))
-        if m.v is not None:
-            e = nn.functional.embedding(rows, m.v.weight) * x  # [B, S, K]
-            if self.pool is not None:
-                e = torch.matmul(self.pool, e)  # [B, F, K]
-            if m.use_fm:
-                terms.append(fm_second_order(e))
-            if m.dnn is not None:
-                terms.append(m.dnn(e.flatten(1)))
-        # t + bias == bias + t exactly, and broadcasting the [1] bias avoids an Expand on the batch size
-        logit = terms[0] + m.bias
-        for t in terms[1:]:
-            logit = logit + t
+        logit = self.model.head(self.embed(idx, val))
         return logit, torch.sigmoid(logit)
 
-    def _pooled(self, weight: torch.Tensor, rows: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
-        """FusedTable.forward in export ops: [B, F, dim] = x_i * row_i, slots pooled into their field."""
-        e = nn.functional.embedding(rows, weight) * x  # [B, S, dim]
-        return torch.matmul(self.pool, e) if self.pool is not None else e
+    def embed(self, idx: torch.Tensor, val: torch.Tensor) -> dict[str, torch.Tensor]:
+        """``model.embed`` in export ops: {table name: [B, F, dim] = x_i * row_i, slots pooled into their field}."""
+        rows = idx + self.offsets  # [B, S] rows of the fused tables
+        x = val.unsqueeze(-1)  # [B, S, 1]
+        out = {}
+        for name, table in self.model.tables().items():
+            e = nn.functional.embedding(rows, table.weight) * x  # [B, S, dim]
+            out[name] = torch.matmul(self.pool, e) if self.pool is not None else e
+        return out
 
 
 @contextlib.contextmanager

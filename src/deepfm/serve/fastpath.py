@@ -1,9 +1,10 @@
 """The trained model's forward pass in plain numpy, for small batches (online serving, 1-row latency).
 
 A torch forward costs tens of dispatched ops of ~5-15 us each, whatever the batch; for one row that
-overhead is the whole cost. This evaluates the same equations (Guo et al. 2017, eq. 1-4; see
-models/ctr.py) with a handful of numpy calls on the eval-mode weights, batch norm folded into the linear
-layers. ``Predictor`` uses it up to ``SMALL_BATCH`` rows and torch above; tests check both agree.
+overhead is the whole cost. This evaluates the same equations (Guo et al. 2017, eq. 1-4) in the
+model protocol's two steps (``embed``, ``head``; see models/ctr.py) with a handful of numpy calls on the
+eval-mode weights, batch norm folded into the linear layers. ``Predictor`` uses it up to ``SMALL_BATCH``
+rows and torch above; tests check both agree.
 """
 
 from __future__ import annotations
@@ -34,27 +35,27 @@ def _act(name: str, param: np.ndarray | None):
 
 class NumpyForward:
     """``__call__(idx [B, S] int64, val [B, S] float32) -> logits [B] float32`` for an eval-mode
-    :class:`CTRModel`. Raises ``ValueError`` for model kinds (``NUMPY_KINDS``) and layers (e.g. GELU) it
-    does not cover; callers then keep the torch path."""
+    :class:`CTRModel`: the model protocol's ``embed`` and ``head`` in numpy. Raises ``ValueError`` for model
+    kinds (``NUMPY_KINDS``) and layers (e.g. GELU) it does not cover; callers then keep the torch path."""
 
     def __init__(self, model: CTRModel) -> None:
         kind = getattr(getattr(model, "cfg", None), "model", None)
         if kind not in NUMPY_KINDS:
             raise ValueError(f"no numpy forward for model kind {kind!r} (only {', '.join(NUMPY_KINDS)})")
-        self.w_in_dnn = kind == "fnn"  # FNN: (x_i w_i, x_i v_i) per field is the MLP input, not a logit term
         model = model.eval()
         with torch.no_grad():
-            self.bias = float(model.bias.item())
-            table = model.v if model.v is not None else model.w
+            self.bias = np.float32(model.bias.item())
+            tables = model.tables()
+            table = next(iter(tables.values()))  # every table has the same fields, offsets and slots
             self.offsets = table.slot_offsets.numpy().astype(np.int64)
             slot_field = table.slot_field.numpy()
-            self.n_fields = table.n_fields
             self.pooled = table.pooled
             # slots are grouped by field in order, so pooling is a reduceat over group starts
             self.starts = np.flatnonzero(np.r_[True, slot_field[1:] != slot_field[:-1]])
-            self.w = model.w.weight.numpy()[:, 0].copy() if model.w is not None else None
-            self.v = model.v.weight.numpy().copy() if model.v is not None else None
+            self.tables = {name: t.weight.numpy().copy() for name, t in tables.items()}
+            self.first = model.w is not None and model.FIRST_ORDER_TERM
             self.use_fm = model.use_fm
+            self.dnn_input = model.DNN_INPUT
             self.layers = self._fold(model.dnn.net) if model.dnn is not None else None
 
     @staticmethod
@@ -81,29 +82,34 @@ class NumpyForward:
                 out[-1] = (w_t, b, fn)
         return out
 
-    def __call__(self, idx: np.ndarray, val: np.ndarray) -> np.ndarray:
+    def embed(self, idx: np.ndarray, val: np.ndarray) -> dict[str, np.ndarray]:
+        """CTRModel.embed: {table name: [B, F, dim] = x_i * row_i, slots pooled into their field}."""
         rows = idx + self.offsets
-        logit = np.full(idx.shape[0], self.bias, dtype=np.float32)
-        if self.w is not None:
-            wx = self.w[rows] * val  # [B, S]
-            if not self.w_in_dnn:
-                logit += wx.sum(axis=1)
-        if self.v is not None:
-            e = self.v[rows] * val[:, :, None]  # [B, S, K]
-            if self.pooled:
-                e = np.add.reduceat(e, self.starts, axis=1)  # [B, F, K]
-            if self.use_fm:
-                s = e.sum(axis=1)
-                logit += 0.5 * (s * s - (e * e).sum(axis=1)).sum(axis=1)
-            if self.layers is not None:
-                if self.w_in_dnn:  # [B, F, 1 + K]: (x_i w_i, x_i v_i) per field
-                    wf = np.add.reduceat(wx, self.starts, axis=1) if self.pooled else wx
-                    e = np.concatenate([wf[:, :, None], e], axis=2)
-                h = e.reshape(e.shape[0], -1)
-                for w_t, b, act in self.layers:
-                    h = h @ w_t
-                    h += b
-                    if act is not None:
-                        h = act(h)
-                logit += h[:, 0]
+        out = {}
+        for name, weight in self.tables.items():
+            e = weight[rows] * val[:, :, None]  # [B, S, dim]
+            out[name] = np.add.reduceat(e, self.starts, axis=1) if self.pooled else e
+        return out
+
+    def head(self, e: dict[str, np.ndarray]) -> np.ndarray:
+        """CTRModel.head: b + y_first + y_FM + y_DNN (paper eq. 1), the terms the model has."""
+        logit = np.full(next(iter(e.values())).shape[0], self.bias, dtype=np.float32)
+        if self.first:
+            logit += e["w"].sum(axis=(1, 2))
+        if self.use_fm:
+            v = e["v"]
+            s = v.sum(axis=1)
+            logit += 0.5 * (s * s - (v * v).sum(axis=1)).sum(axis=1)
+        if self.layers is not None:
+            parts = [e[name] for name in self.dnn_input]
+            h = (parts[0] if len(parts) == 1 else np.concatenate(parts, axis=2)).reshape(logit.shape[0], -1)
+            for w_t, b, act in self.layers:
+                h = h @ w_t
+                h += b
+                if act is not None:
+                    h = act(h)
+            logit += h[:, 0]
         return logit
+
+    def __call__(self, idx: np.ndarray, val: np.ndarray) -> np.ndarray:
+        return self.head(self.embed(idx, val))
