@@ -306,7 +306,8 @@ def test_torchscript_and_onnx_engine_for_baselines_and_refusal_of_unknown_kinds(
 
 
 def test_cli_model_names_match_the_models():
-    from deepfm.config import MODEL_NAMES as listed
-    from deepfm.models.ctr import MODEL_NAMES as built
+    from deepfm.config import MODEL_NAMES
+    from deepfm.models.baselines import BASELINE_CLASSES
+    from deepfm.models.ctr import BASELINES, MODELS
 
-    assert set(listed) == set(built)
+    assert MODEL_NAMES == (*MODELS, *BASELINES) and set(BASELINES) == set(BASELINE_CLASSES)

@@ -19,7 +19,7 @@ import pyarrow.compute as pc
 import torch
 
 from deepfm import outputs
-from deepfm.config import apply_overrides, check_options, load_preset
+from deepfm.config import RUNTIME_KEYS, apply_overrides, check_options, load_preset
 from deepfm.data import readers
 from deepfm.data.preprocess import Encoded, Preprocessor
 from deepfm.data.shards import ShardBatcher, ShardSet, fit_streaming, write_shards
@@ -476,9 +476,8 @@ def _train(
     if out is not None:
         out.parent.mkdir(parents=True, exist_ok=True)
         log_path = out.parent / f"{out.name}.metrics.jsonl"
-        # what a checkpoint may be resumed into: the same model, optimisation and data (not: threads, epochs)
-        same = {k: v for k, v in train_cfg.to_dict().items()
-                if k not in ("epochs", "threads", "prefetch", "checkpoint_every", "keep_checkpoints")}
+        # what a checkpoint may be resumed into: the same model, optimisation and data (not: epochs, threads...)
+        same = {k: v for k, v in train_cfg.to_dict().items() if k not in ("epochs", *RUNTIME_KEYS)}
         rows = prepared.train_rows
         checkpoints = Checkpointer(out / "checkpoints", fingerprint(
             model_cfg.to_dict(), same, prepared.pre.fingerprint(), prepared.train.rows,

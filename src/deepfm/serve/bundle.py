@@ -36,8 +36,8 @@ from safetensors.torch import save_file
 from deepfm import __version__, outputs
 from deepfm.accel import accelerate
 from deepfm.data.preprocess import Preprocessor
-from deepfm.data.store import FieldSpec, layout
 from deepfm.errors import BundleError, DeepFMError
+from deepfm.layout import FieldSpec, layout
 from deepfm.models.baselines import BASELINE_CLASSES
 from deepfm.models.build import build_model
 from deepfm.models.ctr import MODELS, CTRModel, ModelConfig
