@@ -34,7 +34,7 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from datasets import datasets  # noqa: E402
 
-from deepfm import pipeline  # noqa: E402
+from deepfm import outputs, pipeline  # noqa: E402
 from deepfm.data import readers  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
@@ -173,9 +173,8 @@ def export_encoded(ds: dict, seed: int, work: Path) -> Path:
     arrays["field_sizes"] = np.array([f.size for f in fields], dtype=np.int64)
     arrays["field_slots"] = np.array([f.slots for f in fields], dtype=np.int64)
     arrays["field_kinds"] = np.array([f.kind for f in fields])
-    tmp = out.with_name(f".{out.name}.tmp.npz")
-    np.savez(tmp, **arrays)
-    os.replace(tmp, out)
+    with outputs.atomic_file(out, suffix=".npz") as tmp:  # np.savez would append .npz to another name
+        np.savez(tmp, **arrays)
     return out
 
 
@@ -385,10 +384,7 @@ def write_doc(out: Path, cmd: str, sets: list[dict], names: list[str], peers: li
         lines += ["## Runs that failed", "", *[f"- {f}" for f in failures], ""]
     lines += lever_section(cache or {})
     lines += NOTES
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_name(f".{out.name}.tmp")
-    tmp.write_text("\n".join(lines))
-    os.replace(tmp, out)
+    outputs.write_text(out, "\n".join(lines))
     print("\n".join(lines))
 
 
