@@ -41,14 +41,6 @@ FORMAT = "deepfm-checkpoint"
 FORMAT_VERSION = 2
 
 
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
 def disk_error(e: BaseException, what: str, where: Path) -> DeepFMError:
     """A clear error for a failed artifact write (disk full above all; safetensors raises its own
     SafetensorError, not OSError, for the same failures)."""
@@ -107,7 +99,7 @@ class Checkpointer:
             if final.exists():
                 shutil.rmtree(final)
             os.replace(tmp, final)
-            _fsync_dir(self.dir)
+            outputs.fsync_dir(self.dir)
         except BaseException:  # also SIGTERM (outputs.Terminated) and Ctrl-C: no .tmp-* folder is left
             shutil.rmtree(tmp, ignore_errors=True)
             raise
