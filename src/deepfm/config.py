@@ -138,7 +138,7 @@ OPTION_CHECKS: dict[str, dict[str, Any]] = {
     "train": {"epochs": _int(1), "batch_size": _batch_size, "lr": _float(0.0, lo_open=True), "patience": _int(1),
               "monitor": _choice("auc", "auc-logloss"), "reduce_lr_on_plateau": _choice(True, False),
               "seed": _int(0), "threads": _int(0), "eval_batch_size": _int(1),
-              "embedding_update": _choice("dense", "sparse", "auto"), "precision": _choice("fp32", "bf16"),
+              "embedding_update": _choice("dense", "sparse", "auto"), "precision": _choice("fp32", "bf16", "auto"),
               "prefetch": _choice(True, False, "auto"), "checkpoint_every": _int(0), "keep_checkpoints": _int(1),
               "evals_per_epoch": _batch_size,  # also a positive integer or 'auto'
               "wide_lr_scale": _float(0.0, lo_open=True), "wide_start": _choice(True, False, "auto")},

@@ -19,6 +19,7 @@ import pyarrow.compute as pc
 import torch
 
 from deepfm import outputs
+from deepfm.accel import precision
 from deepfm.config import RUNTIME_KEYS, apply_overrides, check_options, load_preset
 from deepfm.data import readers
 from deepfm.data.preprocess import Encoded, Preprocessor
@@ -508,6 +509,9 @@ def _train(
         "data": {**prepared.info, **(extra_info or {})}, "train_seconds": time.perf_counter() - t0,
         "best_epoch": history[-1].get("best_epoch") if history else None,
     }
+    decision = precision.last_decision()  # what train.precision (e.g. "auto") resolved to in fit
+    if decision is not None:
+        training["precision"] = decision.to_dict()
     if started is not None:
         training["wide_start"] = started
     if lineage is not None:

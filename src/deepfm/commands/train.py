@@ -41,8 +41,10 @@ from deepfm.errors import DeepFMError
 @click.option("--embedding-update", type=click.Choice(["dense", "sparse", "auto"]),
               help="dense: Adam over whole tables (the reference); sparse: lazy Adam on the rows each batch "
                    "touches (cost independent of the vocabulary); auto: sparse from 1M table rows up.")
-@click.option("--precision", type=click.Choice(["fp32", "bf16"]),
-              help="bf16 autocast of the MLP (fast only on CPUs with AVX512-BF16/AMX, and on GPUs).")
+@click.option("--precision", type=click.Choice(["fp32", "bf16", "auto"]),
+              help="bf16 autocast of the MLP (fast only on CPUs with AVX512-BF16/AMX, and on GPUs); auto (the "
+                   "default preset's): bf16 where this CPU runs the model's GEMMs clearly faster in it "
+                   "(measured once, cached; training.json records the decision).")
 @loading_options
 @click.option("--streaming", is_flag=True,
               help="Out of core: fit preprocessing in one streaming pass and train from shards on disk "

@@ -24,7 +24,7 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from deepfm.accel import accelerate, kernels
+from deepfm.accel import accelerate, kernels, precision
 from deepfm.config import check_options
 from deepfm.errors import DeepFMError
 from deepfm.models.ctr import CTRModel
@@ -62,7 +62,9 @@ class TrainConfig:
     # "dense": Adam over whole tables; "sparse": lazy Adam on the touched rows; "auto": sparse from
     # AUTO_SPARSE_ROWS table rows up, where dense Adam's per-step cost over the table dominates
     embedding_update: str = "dense"
-    precision: str = "fp32"  # "fp32", or "bf16" (autocast of the MLP; fast only on CPUs with AVX512-BF16/AMX)
+    # "fp32", "bf16" (autocast of the MLP; fast only on CPUs with AVX512-BF16/AMX), or "auto": bf16 where
+    # this CPU runs the model's GEMMs clearly faster in it (measured once, cached: deepfm.accel.precision)
+    precision: str = "fp32"
     prefetch: bool | str = "auto"  # build the next batches in a background thread; "auto": when a core is free
     checkpoint_every: int = 1000  # steps between checkpoints (0: epoch ends only), when training writes a bundle
     keep_checkpoints: int = 2  # the newest K are kept until the bundle is written
@@ -82,8 +84,8 @@ class TrainConfig:
             raise ValueError(f"prefetch must be true, false or 'auto', got {cfg.prefetch!r}")
         if cfg.checkpoint_every < 0 or cfg.keep_checkpoints < 1:
             raise ValueError("checkpoint_every must be >= 0 and keep_checkpoints >= 1")
-        if cfg.precision not in ("fp32", "bf16"):
-            raise ValueError(f"precision must be 'fp32' or 'bf16', got {cfg.precision!r}")
+        if cfg.precision not in ("fp32", "bf16", "auto"):
+            raise ValueError(f"precision must be 'fp32', 'bf16' or 'auto', got {cfg.precision!r}")
         if cfg.evals_per_epoch != "auto" and (not isinstance(cfg.evals_per_epoch, int) or cfg.evals_per_epoch < 1):
             raise ValueError(f"evals_per_epoch must be a positive integer or 'auto', got {cfg.evals_per_epoch!r}")
         return cfg
@@ -338,6 +340,8 @@ class Trainer:
         self.position = Position()
         self.batch_size = resolve_batch_size(cfg.batch_size, self.n_rows)
         self.rank_batch = max(1, self.batch_size // self.ranks)  # the global batch stays batch_size rows
+        device = next(model.parameters()).device.type
+        self.precision = precision.decide(cfg.precision, model, self.rank_batch, device)  # "auto" resolved
         self.every = next((cb.every for cb in self.callbacks if cb.every), 0)  # steps between save points
         self.evals = resolve_evals_per_epoch(cfg.evals_per_epoch, self.n_rows) if valid is not None else 1
         self.validate_first = False
@@ -373,6 +377,8 @@ class Trainer:
             cb.on_fit_start(self)
         if self.progress and self.lead and next(model.parameters()).device.type == "cpu":
             _log(f"fused CPU kernels: {kernels.status()}")  # built (once per machine) on first use
+        if self.lead and cfg.precision == "auto":
+            _log(precision.describe(self.precision), console=self.progress)
         if self.log_path is not None and self.lead:  # the log holds exactly the epochs of the history
             self.log_path.write_text("".join(json.dumps(r) + "\n" for r in pos.history))
         if self.lead:
@@ -455,7 +461,7 @@ class Trainer:
 
         for idx, val, y, prepared in Prefetcher(make, end, threaded=self.prefetch, start=pos.step):
             upd.begin(prepared)
-            with autocast(self.cfg.precision):
+            with autocast(self.precision.chosen):
                 logit = model(idx, val).float()
             loss = self.loss_fn(logit, y)
             total = loss + emb_l2 * model.embedding_penalty(idx) if emb_l2 > 0 else loss
