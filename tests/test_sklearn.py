@@ -39,7 +39,10 @@ def _frame(n: int = 600, seed: int = 0) -> tuple[pd.DataFrame, pd.Series]:
 @pytest.mark.slow
 @parametrize_with_checks([DeepFMClassifier(**FAST)], expected_failed_checks=lambda est: {
     "check_classifiers_train": "one epoch on ~100 rows cannot reach 0.83 accuracy; "
-                               "test_classifiers_train_with_default_epochs runs it with the defaults"})
+                               "test_classifiers_train_with_default_epochs runs it with the defaults",
+    "check_sample_weight_equivalence_on_dense_data": "weight 2 and a repeated row give the same loss "
+                               "(tests/test_weights.py), but not the same SGD run: the seeded validation split, "
+                               "the shuffling and the batches see other rows"})
 def test_sklearn_estimator_checks(estimator, check) -> None:  # type: ignore[no-untyped-def]
     check(estimator)
 

@@ -127,6 +127,10 @@ def _batch_size(v: Any) -> str | None:
     return None if v == "auto" or _int(1)(v) is None else "a positive integer or 'auto'"
 
 
+def _column(v: Any) -> str | None:
+    return None if v is None or (isinstance(v, str) and v) else "a column name or null"
+
+
 def _activation(v: Any) -> str | None:
     return None if v is None or (isinstance(v, str) and v) else "an activation name (relu, tanh, sigmoid) or null"
 
@@ -141,7 +145,8 @@ OPTION_CHECKS: dict[str, dict[str, Any]] = {
               "embedding_update": _choice("dense", "sparse", "auto"), "precision": _choice("fp32", "bf16", "auto"),
               "prefetch": _choice(True, False, "auto"), "checkpoint_every": _int(0), "keep_checkpoints": _int(1),
               "evals_per_epoch": _batch_size,  # also a positive integer or 'auto'
-              "wide_lr_scale": _float(0.0, lo_open=True), "wide_start": _choice(True, False, "auto")},
+              "wide_lr_scale": _float(0.0, lo_open=True), "wide_start": _choice(True, False, "auto"),
+              "weight_column": _column},
 
 }
 # YAML 1.1 reads 1e-3 (no dot) as a string: such numbers are taken as floats where a float is expected

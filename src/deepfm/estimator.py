@@ -20,7 +20,7 @@ import numpy as np
 import pyarrow as pa
 
 from deepfm import pipeline
-from deepfm.data import readers
+from deepfm.data import readers, side
 from deepfm.data.infer import infer_fields
 from deepfm.data.preprocess import Preprocessor
 from deepfm.errors import DataError, DeepFMError
@@ -169,9 +169,12 @@ class DeepFMClassifier(ClassifierMixin, BaseEstimator):
             s = Schema(fields=tuple(infer_fields(table, set())), label="__label__")
         return s.with_overrides(min_count=self.min_count) if self.min_count is not None else s
 
-    def fit(self, X: Any, y: Any, eval_set: tuple[Any, Any] | None = None) -> DeepFMClassifier:
-        """Fit preprocessing and the model; returns ``self``. Validation: ``eval_set=(X_val, y_val)`` or a
-        seeded ``valid_fraction`` of X. y holds two classes (0/1, booleans or any two labels)."""
+    def fit(self, X: Any, y: Any, sample_weight: Any = None, eval_set: tuple[Any, ...] | None = None
+            ) -> DeepFMClassifier:
+        """Fit preprocessing and the model; returns ``self``. Validation: ``eval_set=(X_val, y_val)`` (or
+        ``(X_val, y_val, w_val)``) or a seeded ``valid_fraction`` of X. y holds two classes (0/1, booleans or
+        any two labels). ``sample_weight``: [N] finite weights >= 0, used in the loss (weighted BCE over the
+        mean weight) and in the validation metrics, hence in early stopping."""
         table = to_arrow(X)
         y = _labels(y, table.num_rows)
         kind = type_of_target(y) if type_of_target is not None else "binary"
@@ -201,12 +204,14 @@ class DeepFMClassifier(ClassifierMixin, BaseEstimator):
             xv = to_arrow(eval_set[0])
             valid = pre.transform(readers.from_arrow(xv, schema, self._binary(_labels(eval_set[1], xv.num_rows)),
                                                      source="eval_set"))
-            prep = pipeline.Prepared(pre, pre.transform(data), None, valid, None, {"rows": data.rows})
+            side.from_arrays(valid, eval_set[2] if len(eval_set) > 2 else None, source="eval_set")
+            enc = side.from_arrays(pre.transform(data), sample_weight)
+            prep = pipeline.Prepared(pre, enc, None, valid, None, {"rows": data.rows})
         else:
             tr, va = pipeline.split_rows(data.rows, self.valid_fraction, self.seed)
             fit_on = readers.ReadResult(data.table.take(tr), data.label[tr], schema, "X", data.skipped)
             pre = Preprocessor(schema).fit(fit_on)
-            enc = pre.transform(data)
+            enc = side.from_arrays(pre.transform(data), sample_weight)
             prep = pipeline.Prepared(pre, enc, tr, enc, va, {"rows": data.rows})
         self.model_, result = pipeline.train(prep, model_cfg, train_cfg, progress=self.verbose)
         self.preprocessor_ = pre

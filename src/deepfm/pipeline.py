@@ -22,8 +22,11 @@ from deepfm import outputs
 from deepfm.accel import precision
 from deepfm.config import RUNTIME_KEYS, apply_overrides, check_options, load_preset
 from deepfm.data import readers
+from deepfm.data import side as side_mod
 from deepfm.data.preprocess import Encoded, Preprocessor
 from deepfm.data.shards import ShardBatcher, ShardSet, fit_streaming, write_shards
+from deepfm.data.side import SideColumns
+from deepfm.data.split import time_key, time_split
 from deepfm.data.store import (
     Batcher,
     FieldSpec,
@@ -66,6 +69,8 @@ class Prepared:
     valid: Encoded | ShardSet | None
     valid_rows: np.ndarray | None
     info: dict[str, Any] = field(default_factory=dict)
+    test: Encoded | None = None  # a test split of the training file (--split time:COLUMN --test-fraction/--test-from)
+    test_rows: np.ndarray | None = None
 
     @property
     def fields(self) -> list[FieldSpec]:
@@ -85,6 +90,25 @@ def split_rows(n: int, fraction: float, seed: int) -> tuple[np.ndarray, np.ndarr
         raise DeepFMError(f"--valid-fraction {fraction} of {n} rows leaves an empty split")
     perm = np.random.default_rng(seed).permutation(n)
     return np.sort(perm[n_valid:]), np.sort(perm[:n_valid])
+
+
+def time_column(split: str) -> str | None:
+    """``--split``: "random" (None) or "time:COLUMN" (the column)."""
+    if split == "random":
+        return None
+    kind, sep, column = split.partition(":")
+    if kind != "time" or not sep or not column:
+        raise DeepFMError(f"--split must be 'random' or 'time:COLUMN', got {split!r}")
+    return column
+
+
+def _time_rows(col: Any, column: str, valid_fraction: float, test_fraction: float, valid_from: str | None,
+               test_from: str | None) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    key, cut = time_key(col, column)
+    tr, va, te = time_split(key, valid_fraction, test_fraction, None if valid_from is None else cut(valid_from),
+                            None if test_from is None else cut(test_from))
+    log(f"time split on {column!r}: {tr.size:,} train / {va.size:,} valid / {te.size:,} test rows")
+    return tr, va, te
 
 
 def _report_collisions(pre: Preprocessor, info: dict[str, Any]) -> None:
@@ -160,40 +184,63 @@ def prepare(
     cache_dir: str | Path | None = None,
     use_cache: bool = True,
     parent: Preprocessor | None = None,
+    side: SideColumns | None = None,
+    split: str = "random",
+    test_fraction: float = 0.0,
+    valid_from: str | None = None,
+    test_from: str | None = None,
 ) -> Prepared:
     """Fit preprocessing on the training rows only and encode train (+ valid) into cached stores.
     parent: a bundle's preprocessing to grow (warm start): its vocabularies keep their indices, values new in
-    this data that pass min_count are appended (see ``grow``)."""
+    this data that pass min_count are appended (see ``grow``). side: weight / group columns read with the rows
+    (``data.side``). split: "random" (``split_rows``) or "time:COLUMN" (``data.split.time_split`` with the
+    fractions or the ``valid_from``/``test_from`` cut values; a test split is kept in ``Prepared.test``)."""
     schema = schema or readers.default_schema(fmt)
     cache = Path(cache_dir) if cache_dir else default_cache_dir()
-    split = None if valid_path else (valid_fraction, seed)
+    side = side or SideColumns()
+    time_col = time_column(split)
+    if time_col is None and (valid_from is not None or test_from is not None or test_fraction):
+        raise DeepFMError("--valid-from, --test-from and --test-fraction need --split time:COLUMN")
+    if time_col is not None:
+        if valid_path:
+            raise DeepFMError("--split time:COLUMN splits --train by time; drop --valid (or use --split random)")
+        side = SideColumns(side.weight, side.group, time_col)
+    split_key: Any = None if valid_path else (valid_fraction, seed)
+    if time_col is not None:
+        split_key = ("time", time_col, valid_fraction, test_fraction, valid_from, test_from)
     schema_key = schema.to_dict() if schema else None
-    key = cache_key("train", file_identity(train_path), fmt, schema_key, split, on_bad_rows,
-                    parent.fingerprint() if parent is not None else None)
+    key = cache_key("train", file_identity(train_path), fmt, schema_key, split_key, on_bad_rows,
+                    parent.fingerprint() if parent is not None else None, *([side.to_dict()] if side else []))
     entry = cache / key
     t0 = time.perf_counter()
     if use_cache and (entry / "done").exists():
         pre = Preprocessor.from_dict(json.loads((entry / "preprocessor.json").read_text()))
         train = open_store(entry / "store")
         info = json.loads((entry / "info.json").read_text())
-        train_rows = np.load(entry / "train_rows.npy") if split else None
-        valid_rows = np.load(entry / "valid_rows.npy") if split else None
+        train_rows = np.load(entry / "train_rows.npy") if split_key else None
+        valid_rows = np.load(entry / "valid_rows.npy") if split_key else None
+        test_rows = np.load(entry / "test_rows.npy") if (entry / "test_rows.npy").exists() else None
         log(f"using cached encoded data for {train_path} ({info['rows']} rows)")
     else:
         # No bar for these stages (the reader is one multi-threaded Arrow pass), but a line as each starts
         # and ends, so that a large file is not minutes of silence.
         log(f"reading {train_path} ({_size(train_path)}, --format {fmt})")
-        res = readers.read(train_path, fmt, schema, on_bad_rows)
+        res, side_cols = side_mod.read(train_path, fmt, schema, on_bad_rows, side)
         t_read = time.perf_counter()
         log(f"read {res.rows:,} rows in {t_read - t0:.1f} s; fitting preprocessing on the training rows and "
             "encoding")
         _report_skips(res)
         if res.label is None:
             raise DataError("training data has no label column", path=str(train_path))
-        train_rows = valid_rows = None
+        train_rows = valid_rows = test_rows = None
         fit_on = res
-        if split:
-            train_rows, valid_rows = split_rows(res.rows, *split)
+        if split_key:
+            if time_col is not None:
+                train_rows, valid_rows, test_rows = _time_rows(side_cols["time"], time_col, valid_fraction,
+                                                               test_fraction, valid_from, test_from)
+                test_rows = test_rows if test_rows.size else None
+            else:
+                train_rows, valid_rows = split_rows(res.rows, valid_fraction, seed)
             fit_on = readers.ReadResult(res.table.take(train_rows), res.label[train_rows], res.schema, res.path,
                                         res.skipped)
         pre = Preprocessor(res.schema)
@@ -202,30 +249,38 @@ def prepare(
             enc = pre.transform(res)
         else:
             enc = pre.fit_transform(res) if fit_on is res else pre.fit(fit_on).transform(res)
+        side_mod.attach(enc, side_cols, str(train_path), side)
         info = {"rows": res.rows, "skipped_rows": res.skipped.count, "read_encode_seconds":
                 time.perf_counter() - t0, "path": str(train_path), "format": fmt}
         log(f"fitted and encoded in {time.perf_counter() - t_read:.1f} s")
         if use_cache:
             try:
-                _write_cache_entry(entry, enc, pre, info, train_rows, valid_rows)
+                _write_cache_entry(entry, enc, pre, info, train_rows, valid_rows, test_rows)
             except outputs.WRITE_ERRORS as e:
                 raise outputs.write_error(e, "the encoded-data cache", cache, CACHE_HINT) from None
             train = open_store(entry / "store")
         else:
             train = enc
-    valid = train if split else encode_file(valid_path, fmt, pre, on_bad_rows, cache, use_cache)
-    if split is None:
+    valid: Encoded | None = (train if split_key else
+                             encode_file(valid_path, fmt, pre, on_bad_rows, cache, use_cache, side))
+    if split_key is None:
         valid_rows = None
+    elif valid_rows is not None and valid_rows.size == 0:  # a time split with no validation part
+        valid, valid_rows = None, None
     info["vocab_rows"] = int(sum(f.size for f in layout(pre)))
+    if side:
+        info["side_columns"] = side.to_dict()
     _report_collisions(pre, info)
-    return Prepared(pre, train, train_rows, valid, valid_rows, info)
+    return Prepared(pre, train, train_rows, valid, valid_rows, info,
+                    train if test_rows is not None else None, test_rows)
 
 
 CACHE_HINT = "and rerun, or pass --cache-dir on another disk, or --no-cache"
 
 
 def _write_cache_entry(entry: Path, enc: Encoded, pre: Preprocessor, info: dict[str, Any],
-                       train_rows: np.ndarray | None, valid_rows: np.ndarray | None) -> None:
+                       train_rows: np.ndarray | None, valid_rows: np.ndarray | None,
+                       test_rows: np.ndarray | None = None) -> None:
     """Write one cache entry under a unique temporary name, then rename it into place (two runs encoding the
     same data at once each write their own; the second rename finds the entry done and drops its copy)."""
     tmp = outputs.temp_dir(entry)
@@ -236,6 +291,8 @@ def _write_cache_entry(entry: Path, enc: Encoded, pre: Preprocessor, info: dict[
         if train_rows is not None:
             np.save(tmp / "train_rows.npy", train_rows)
             np.save(tmp / "valid_rows.npy", valid_rows)
+        if test_rows is not None:
+            np.save(tmp / "test_rows.npy", test_rows)
         (tmp / "done").write_text("ok")
         if (entry / "done").exists():
             shutil.rmtree(tmp, ignore_errors=True)
@@ -331,16 +388,19 @@ def shard_file(path: str | Path, fmt: str, pre: Preprocessor, on_bad_rows: str =
 
 
 def encode_file(path: str | Path, fmt: str, pre: Preprocessor, on_bad_rows: str = "error",
-                cache_dir: Path | None = None, use_cache: bool = False) -> Encoded:
-    """Read + encode a file with a fitted preprocessor, through the store cache when asked."""
+                cache_dir: Path | None = None, use_cache: bool = False, side: SideColumns | None = None) -> Encoded:
+    """Read + encode a file with a fitted preprocessor, through the store cache when asked. side: the weight
+    and group columns to read with it (a time column is left out: it only splits the training file)."""
+    side = SideColumns(side.weight, side.group) if side else SideColumns()
     entry = None
     if use_cache and cache_dir is not None:
-        entry = cache_dir / cache_key("encode", file_identity(path), fmt, pre.fingerprint(), on_bad_rows)
+        entry = cache_dir / cache_key("encode", file_identity(path), fmt, pre.fingerprint(), on_bad_rows,
+                                      *([side.to_dict()] if side else []))
         if (entry / "meta.json").exists():
             return open_store(entry)
-    res = readers.read(path, fmt, pre.schema, on_bad_rows)
+    res, side_cols = side_mod.read(path, fmt, pre.schema, on_bad_rows, side)
     _report_skips(res)
-    enc = pre.transform(res)
+    enc = side_mod.attach(pre.transform(res), side_cols, str(path), side)
     if entry is not None:
         try:
             save_store(enc, entry)
@@ -413,8 +473,12 @@ def score(model: CTRModel, enc: Encoded | ShardSet, fields: list[FieldSpec], row
     if labels is None:
         raise DeepFMError("cannot evaluate: the data has no label column")
     p = sigmoid(predict_logits(model, b, rows))
-    y = np.asarray(labels if rows is None else labels[rows])
-    return evaluate(y, p)
+
+    def at(a: np.ndarray | None) -> np.ndarray | None:
+        return None if a is None else np.asarray(a if rows is None else a[rows])
+
+    return evaluate(at(labels), p, at(getattr(b, "weights", lambda: None)()),  # type: ignore[arg-type]
+                    at(getattr(b, "groups", lambda: None)()))
 
 
 def train(
@@ -504,6 +568,8 @@ def _train(
         metrics["valid"] = score(model, prepared.valid, fields, prepared.valid_rows)
     if test is not None:
         metrics["test"] = score(model, test, fields)
+    elif prepared.test is not None:  # the test part of a time split
+        metrics["test"] = score(model, prepared.test, fields, prepared.test_rows)
     training = {
         "model": model_cfg.to_dict(), "train": train_cfg.to_dict(), "history": history,
         "data": {**prepared.info, **(extra_info or {})}, "train_seconds": time.perf_counter() - t0,

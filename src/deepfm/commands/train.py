@@ -60,6 +60,19 @@ from deepfm.errors import DeepFMError
               help="Steps between checkpoints in OUT/checkpoints (default 1000; 0: epoch ends only).")
 @click.option("--resume", is_flag=True, help="Continue from the newest checkpoint in --out (rerun the same command "
                                              "with --resume added); starts over when there is none.")
+@click.option("--weight-column", help="Input column of per-row sample weights (finite, >= 0; the config key "
+                                     "train.weight_column): a weighted loss, weighted validation metrics and so "
+                                     "weighted early stopping.")
+@click.option("--group-column", help="Input column of group keys (e.g. a user id) for grouped AUC (gauc) in the "
+                                    "validation and test metrics.")
+@click.option("--split", "split", default="random", show_default=True, metavar="random|time:COLUMN",
+              help="How --train is split when there is no --valid: random rows (--valid-fraction), or by time: "
+                   "train before, valid and test after cut points of COLUMN (the recommended protocol for logs).")
+@click.option("--test-fraction", type=click.FloatRange(0, 1, max_open=True), default=0.0,
+              help="--split time: the latest fraction of the rows is a test split (default 0: none).")
+@click.option("--valid-from", metavar="VALUE", help="--split time: rows from this time value on are validation "
+                                                   "(instead of the latest --valid-fraction).")
+@click.option("--test-from", metavar="VALUE", help="--split time: rows from this time value on are the test split.")
 @click.option("--quiet", is_flag=True, help="No progress bars.")
 @click.option("--force", is_flag=True, help="Replace --out even if it is a folder that is not a deepfm bundle "
                                             "(its files are deleted).")
@@ -67,7 +80,8 @@ from deepfm.errors import DeepFMError
 @outputs.interruptible
 def train_command(fmt, train_path, valid_path, valid_fraction, test_path, schema_path, out, model, preset, overrides,
           epochs, batch_size, lr, seed, threads, embedding_update, precision, min_count, on_bad_rows, cache_dir,
-          no_cache, streaming, shard_rows, init_from, nproc, checkpoint_every, resume, quiet, force) -> None:
+          no_cache, streaming, shard_rows, init_from, nproc, checkpoint_every, resume, quiet, force, weight_column=None,
+          group_column=None, split="random", test_fraction=0.0, valid_from=None, test_from=None) -> None:
     """Train a model and write a bundle.
 
     \b
@@ -75,6 +89,8 @@ def train_command(fmt, train_path, valid_path, valid_fraction, test_path, schema
       deepfm train --format criteo --train train.txt --valid-fraction 0.1 --out runs/criteo
       deepfm train --format avazu --train train.csv --valid valid.csv --preset paper --epochs 3 --out m/
       deepfm train --format csv --schema schema.yaml --train logs.csv --out m/ --set model.dropout=0.3
+      deepfm train --format csv --schema s.yaml --train logs.csv --split time:day --valid-from 2024-05-06 \
+        --test-from 2024-05-07 --weight-column w --group-column user_id --out m/
     """
     from deepfm import pipeline
     from deepfm.train import distributed as dist
@@ -99,7 +115,15 @@ def train_command(fmt, train_path, valid_path, valid_fraction, test_path, schema
     model_cfg, train_cfg = pipeline.resolve_config(preset, list(overrides), model=model, epochs=epochs,
                                                    batch_size=batch_size, lr=lr, seed=seed, threads=threads,
                                                    embedding_update=embedding_update, precision=precision,
-                                                   checkpoint_every=checkpoint_every)
+                                                   checkpoint_every=checkpoint_every, weight_column=weight_column)
+    from deepfm.data.side import SideColumns
+
+    side = SideColumns(train_cfg.weight_column, group_column)
+    if streaming and (side or split != "random"):
+        raise DeepFMError("--weight-column, --group-column and --split time are not available with --streaming "
+                          "yet (the shards carry no side columns): train in memory, without --streaming")
+    if test_path and (test_fraction or test_from is not None):
+        raise DeepFMError("--test FILE and a time-split test part (--test-fraction / --test-from): give one")
     schema = load_schema(schema_path, fmt, min_count)
     if parent is not None:  # the bundle's fields (min_count may change) and model
         if schema_path is None:
@@ -114,7 +138,8 @@ def train_command(fmt, train_path, valid_path, valid_fraction, test_path, schema
                                           parent=parent.preprocessor if parent else None)
     else:
         prep = pipeline.prepare(train_path, fmt, schema, valid_path, valid_fraction, train_cfg.seed, on_bad_rows,
-                                cache_dir, not no_cache, parent=parent.preprocessor if parent else None)
+                                cache_dir, not no_cache, parent=parent.preprocessor if parent else None, side=side,
+                                split=split, test_fraction=test_fraction, valid_from=valid_from, test_from=test_from)
     if ranked and lead:
         dist.barrier()
     pipeline.log(f"{prep.info['rows']:,} rows, {len(prep.fields)} fields, {prep.info['vocab_rows']:,} "
@@ -122,16 +147,17 @@ def train_command(fmt, train_path, valid_path, valid_fraction, test_path, schema
     test = None
     if test_path:
         test = (pipeline.shard_file(test_path, fmt, prep.pre, on_bad_rows, cache_dir, shard_rows) if streaming
-                else pipeline.encode_file(test_path, fmt, prep.pre, on_bad_rows))
+                else pipeline.encode_file(test_path, fmt, prep.pre, on_bad_rows, side=side))
     _, result = pipeline.train(prep, model_cfg, train_cfg, out, fmt, test, progress=not quiet,
                                extra_info={"preset": preset, "overrides": list(overrides)}, resume=resume,
                                init_from=parent, force=force)
     if not lead:
         return
-    for split, m in result["metrics"].items():
+    for part, m in result["metrics"].items():
         auc = f"{m['auc']:.4f}" if m["auc"] == m["auc"] else "undefined (one class)"
-        click.echo(f"{split}: AUC {auc}  logloss {m['logloss']:.4f}  calibration "
-                   f"{m['calibration']:.3f}  rows {m['rows']:,}")
+        extra = "".join(f"  {k.upper()} {m[k]:.4f}" for k in ("ne", "gauc") if k in m)
+        click.echo(f"{part}: AUC {auc}  logloss {m['logloss']:.4f}{extra}  calibration "
+                   f"{m['calibration']:.3f}  rows {m['rows']:,}" + ("  (weighted)" if "weight_sum" in m else ""))
     click.echo(f"bundle written to {out}")
 
 

@@ -57,12 +57,16 @@ class Encoded:
     num:   float32 [N, F_num] transformed values, NaN = missing
     multi: {field: (offsets int64 [N + 1], values int32 [total])} for multi-valued fields
     label: float32 [N] in {0, 1}, or None for unlabelled data
+    weight: float64 [N] sample weights (finite, >= 0), or None (``--weight-column``)
+    group: int64 [N] group codes for grouped AUC, -1 = no group, or None (``--group-column``)
     """
 
     cat: np.ndarray
     num: np.ndarray
     multi: dict[str, tuple[np.ndarray, np.ndarray]]
     label: np.ndarray | None
+    weight: np.ndarray | None = None
+    group: np.ndarray | None = None
 
     @property
     def rows(self) -> int:

@@ -59,8 +59,9 @@ def save_store(enc: Encoded, directory: Path) -> None:
     try:
         np.save(tmp / "cat.npy", enc.cat)
         np.save(tmp / "num.npy", enc.num)
-        if enc.label is not None:
-            np.save(tmp / "label.npy", enc.label)
+        for name in ("label", "weight", "group"):
+            if getattr(enc, name) is not None:
+                np.save(tmp / f"{name}.npy", getattr(enc, name))
         for name, (off, val) in enc.multi.items():
             np.save(tmp / f"multi.{name}.offsets.npy", off)
             np.save(tmp / f"multi.{name}.values.npy", val)
@@ -75,13 +76,17 @@ def save_store(enc: Encoded, directory: Path) -> None:
 def open_store(directory: Path) -> Encoded:
     """Memory-map a saved store (no copy; the OS pages rows in as batches touch them)."""
     meta = json.loads((directory / "meta.json").read_text())
-    label_path = directory / "label.npy"
+
+    def optional(name: str) -> np.ndarray | None:
+        path = directory / f"{name}.npy"
+        return np.load(path, mmap_mode="r") if path.exists() else None
+
     return Encoded(
         cat=np.load(directory / "cat.npy", mmap_mode="r"),
         num=np.load(directory / "num.npy", mmap_mode="r"),
         multi={n: (np.load(directory / f"multi.{n}.offsets.npy", mmap_mode="r"),
                    np.load(directory / f"multi.{n}.values.npy", mmap_mode="r")) for n in meta["multi"]},
-        label=np.load(label_path, mmap_mode="r") if label_path.exists() else None,
+        label=optional("label"), weight=optional("weight"), group=optional("group"),
     )
 
 
@@ -103,6 +108,14 @@ class Batcher:
 
     def labels(self) -> np.ndarray | None:
         return self.enc.label
+
+    def weights(self) -> np.ndarray | None:
+        """Sample weights [rows] in row order, or None (unweighted)."""
+        return self.enc.weight
+
+    def groups(self) -> np.ndarray | None:
+        """Group codes [rows] for grouped AUC (-1: none), or None."""
+        return self.enc.group
 
     def __call__(self, rows: np.ndarray | slice) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
         enc = self.enc

@@ -71,7 +71,8 @@ def group_auc(y_true: np.ndarray, y_score: np.ndarray, groups: np.ndarray,
               sample_weight: np.ndarray | None = None) -> tuple[float, int]:
     """GAUC: sum_g impressions_g * AUC_g / sum_g impressions_g over the groups with both classes (DIN, Zhou
     et al. 2018); impressions_g is the group's row count, or its weight sum when weighted (AUC_g is then
-    weighted too). ``groups``: any array of group keys (ids, strings). Returns (GAUC, groups counted); NaN, 0
+    weighted too). ``groups``: any array of group keys (ids, strings); negative integer keys are rows without
+    a group (left out). Returns (GAUC, groups counted); NaN, 0
     when no group has both classes."""
     y = np.asarray(y_true, dtype=np.float64).ravel()
     s = np.asarray(y_score, dtype=np.float64).ravel()
@@ -80,6 +81,12 @@ def group_auc(y_true: np.ndarray, y_score: np.ndarray, groups: np.ndarray,
         raise ValueError(f"{g.shape[0]} group keys for {y.size} rows")
     if y.size == 0:
         return float("nan"), 0
+    if g.dtype.kind in "iu" and g.size and g.min() < 0:  # integer codes: < 0 is no group (an empty key)
+        keep = g >= 0
+        y, s, g = y[keep], s[keep], g[keep]
+        sample_weight = None if sample_weight is None else np.asarray(sample_weight).ravel()[keep]
+        if y.size == 0:
+            return float("nan"), 0
     if g.dtype.kind not in "iub":
         g = np.unique(g, return_inverse=True)[1].ravel()
     a, p, n = _group_auc(y, s, _weights(sample_weight, y.size), g.astype(np.int64, copy=False))

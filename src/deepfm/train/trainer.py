@@ -26,7 +26,7 @@ from tqdm.auto import tqdm
 
 from deepfm.accel import accelerate, kernels, precision
 from deepfm.config import check_options
-from deepfm.errors import DeepFMError
+from deepfm.errors import DataError, DeepFMError
 from deepfm.models.ctr import CTRModel
 from deepfm.train import distributed as dist
 from deepfm.train.callbacks import Callback, OnEpoch
@@ -68,6 +68,9 @@ class TrainConfig:
     prefetch: bool | str = "auto"  # build the next batches in a background thread; "auto": when a core is free
     checkpoint_every: int = 1000  # steps between checkpoints (0: epoch ends only), when training writes a bundle
     keep_checkpoints: int = 2  # the newest K are kept until the bundle is written
+    # per-row sample weights read from this input column (None: unweighted); the pipeline reads the column, the
+    # loss is the weighted BCE over the training rows' mean weight, validation metrics are weighted
+    weight_column: str | None = None
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> TrainConfig:
@@ -285,6 +288,18 @@ def predict_logits(model: CTRModel, batcher: BatchSource, rows: np.ndarray | Non
     return out
 
 
+def _sample_weights(source: BatchSource, rows: np.ndarray | None) -> tuple[np.ndarray | None, float]:
+    """A source's sample weights (None: unweighted) and 1 / their mean over the training rows, the loss
+    scale that keeps a weighted loss on the unweighted one's scale (so the learning rate means the same)."""
+    weights = getattr(source, "weights", lambda: None)()
+    if weights is None:
+        return None, 1.0
+    mean = float(np.mean(weights if rows is None else weights[rows], dtype=np.float64))
+    if not mean > 0:
+        raise DataError("every training row has sample weight zero: nothing to learn from")
+    return weights, 1.0 / mean
+
+
 def epoch_line(rec: dict[str, Any], epochs: int, best: float) -> str:
     """The per-epoch console/train.log line: training loss and speed, validation metrics, the monitored
     value and whether it is the best so far."""
@@ -333,6 +348,7 @@ class Trainer:
         self.updater = Updater(model, cfg.lr, uses_sparse_update(model, cfg.embedding_update), cfg.wide_lr_scale)
         self.early_stopping = EarlyStopping(cfg.monitor, cfg.patience, cfg.reduce_lr_on_plateau)
         self.loss_fn = torch.nn.BCEWithLogitsLoss()
+        self.train_weights, self.weight_scale = _sample_weights(train, train_rows)
         self.ranks, self.lead = dist.world(), dist.rank() == 0
         if self.ranks > 1:
             torch.manual_seed(cfg.seed + 7919 * dist.rank())  # dropout masks differ per rank; the init did not
@@ -455,15 +471,20 @@ class Trainer:
         def make(step: int) -> tuple:
             sel = np.sort(perm[step * rank_batch: (step + 1) * rank_batch])  # sorted: mmap locality
             idx, val, y = self.train_source(sel)
+            w = (None if self.train_weights is None
+                 else torch.from_numpy(np.asarray(self.train_weights[sel], dtype=np.float32)))
             if self.prefetch:
                 model.premake_dropout(len(sel))
-            return idx, val, y, upd.prepare(idx)
+            return idx, val, y, w, upd.prepare(idx)
 
-        for idx, val, y, prepared in Prefetcher(make, end, threaded=self.prefetch, start=pos.step):
+        for idx, val, y, w, prepared in Prefetcher(make, end, threaded=self.prefetch, start=pos.step):
             upd.begin(prepared)
             with autocast(self.precision.chosen):
                 logit = model(idx, val).float()
-            loss = self.loss_fn(logit, y)
+            if w is None:
+                loss = self.loss_fn(logit, y)
+            else:  # sum(w * bce) / (batch size * mean training weight): unweighted scale, zero-weight batches 0
+                loss = torch.nn.functional.binary_cross_entropy_with_logits(logit, y, weight=w) * self.weight_scale
             total = loss + emb_l2 * model.embedding_penalty(idx) if emb_l2 > 0 else loss
             loss_value, checked = upd.backward(total, loss)
             if not math.isfinite(checked):  # before the update: the weights stay those of the last step
@@ -497,7 +518,10 @@ class Trainer:
             logits = predict_logits(model, valid, vrows, cfg.eval_batch_size)
         labels = valid.labels()
         assert labels is not None
-        m = evaluate(np.asarray(labels if vrows is None else labels[vrows]), sigmoid(logits))
+        weights = getattr(valid, "weights", lambda: None)()  # weighted validation: weighted early stopping
+        if weights is not None:
+            weights = np.asarray(weights if vrows is None else weights[vrows])
+        m = evaluate(np.asarray(labels if vrows is None else labels[vrows]), sigmoid(logits), weights)
         d = self.early_stopping.update(m, model)
         if d.name != cfg.monitor and not self._auc_warned and self.lead:
             self._auc_warned = True
