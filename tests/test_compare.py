@@ -69,7 +69,8 @@ def test_runs_progress_and_tables(first):
         assert int(r["best_epoch"]) in (1, 2) and float(r["train_seconds"]) > 0
     md = (out / "table.md").read_text()
     for name in ("LR", "FM", "DeepFM"):
-        cells = rf"\| {name} \| 0\.\d{{4}} ± 0\.\d{{4}} \| 0\.\d{{5}} ± 0\.\d{{5}} \| [+-]\d+\.\d\d% \| 2 \|"
+        cells = (rf"\| {name} \| 0\.\d{{4}} ± 0\.\d{{4}} \| 0\.\d{{5}} ± 0\.\d{{5}} \| \d\.\d{{5}} ± 0\.\d{{5}} \| "
+                 rf"[+-]\d+\.\d\d% \| 2 \|")  # AUC, logloss, NE, RelaImpr
         assert re.search(cells, md)
     assert "| LR |" in md and "+0.00%" in md and "RelaImpr = ((AUC_model - 0.5)" in md
     table = {r["model"]: r for r in csv.DictReader(open(out / "table.csv"))}

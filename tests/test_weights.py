@@ -231,3 +231,23 @@ def test_estimator_sample_weight():
         DeepFMClassifier(**kw).fit(X, y, sample_weight=np.ones(3))
     with pytest.raises(ValueError, match="finite number >= 0"):
         DeepFMClassifier(**kw).fit(X, y, sample_weight=-np.ones(n))
+
+
+def test_compare_tables_have_ne_and_gauc(tmp_path):
+    from deepfm.compare import compare
+
+    path, df = _logs(tmp_path, n=2000)
+    test = tmp_path / "test.csv"
+    df.iloc[:500].to_csv(test, index=False)
+    res = compare(path, test, tmp_path / "cmp", fmt="csv", models="lr,fm", seeds=1,
+                  schema_path=tmp_path / "schema.yaml", epochs=1, overrides=["train.batch_size=256"],
+                  weight_column="w", group_column="user", echo=lambda s: None)
+    md = (tmp_path / "cmp" / "table.md").read_text()
+    assert "| Test NE | Test GAUC |" in md and "GAUC = the impression-weighted" in md
+    t = res.runs[0].record["metrics"]["test"]
+    assert {"ne", "gauc", "weight_sum"} <= set(t)
+    import csv
+
+    rows = list(csv.DictReader(open(tmp_path / "cmp" / "results.csv")))
+    assert float(rows[0]["test_gauc"]) == pytest.approx(t["gauc"], abs=1e-6)
+    assert float(rows[0]["test_ne"]) == pytest.approx(t["ne"], abs=1e-6)

@@ -164,12 +164,17 @@ def summarize(runs: list[Run], models: list[str]) -> list[dict[str, Any]]:
         done = [r.record for r in runs if r.model == m and r.record is not None]
         auc = np.array([d["metrics"]["test"]["auc"] for d in done], dtype=np.float64)
         ll = np.array([d["metrics"]["test"]["logloss"] for d in done], dtype=np.float64)
-        rows.append({"model": m, "name": DISPLAY.get(m, m), "runs": len(done),
-                     "seeds": ",".join(str(d["seed"]) for d in done),
-                     "auc_mean": float(auc.mean()) if auc.size else float("nan"),
-                     "auc_std": float(auc.std()) if auc.size else float("nan"),
-                     "logloss_mean": float(ll.mean()) if ll.size else float("nan"),
-                     "logloss_std": float(ll.std()) if ll.size else float("nan")})
+        row = {"model": m, "name": DISPLAY.get(m, m), "runs": len(done),
+               "seeds": ",".join(str(d["seed"]) for d in done),
+               "auc_mean": float(auc.mean()) if auc.size else float("nan"),
+               "auc_std": float(auc.std()) if auc.size else float("nan"),
+               "logloss_mean": float(ll.mean()) if ll.size else float("nan"),
+               "logloss_std": float(ll.std()) if ll.size else float("nan")}
+        for k in ("ne", "gauc"):  # runs recorded before NE / without --group-column have none: NaN
+            v = np.array([d["metrics"]["test"].get(k, np.nan) for d in done], dtype=np.float64)
+            row[f"{k}_mean"] = float(v.mean()) if v.size else float("nan")
+            row[f"{k}_std"] = float(v.std()) if v.size else float("nan")
+        rows.append(row)
     lr = next((r for r in rows if r["model"] == "lr" and r["runs"]), None)
     for r in rows:
         r["relaimpr"] = relaimpr(r["auc_mean"], lr["auc_mean"] if lr else None) if r["runs"] else None
@@ -177,13 +182,27 @@ def summarize(runs: list[Run], models: list[str]) -> list[dict[str, Any]]:
 
 
 def table_markdown(rows: list[dict[str, Any]], has_lr: bool) -> str:
-    lines = ["| Model | Test AUC | Test Logloss | RelaImpr (AUC vs LR) | seeds |", "|---|---|---|---|---|"]
+    gauc = any(np.isfinite(r.get("gauc_mean", np.nan)) for r in rows)
+    lines = ["| Model | Test AUC | Test Logloss | Test NE |" + (" Test GAUC |" if gauc else "")
+             + " RelaImpr (AUC vs LR) | seeds |", "|---|---|---|---|" + ("---|" if gauc else "") + "---|---|"]
     for r in rows:
         auc, ll, rel = result_cells(r)
-        lines.append(f"| {r['name']} | {auc} | {ll} | {rel} | {r['runs']} |")
+        ne = _mean_std(r, "ne", 5)
+        g = f" {_mean_std(r, 'gauc', 4)} |" if gauc else ""
+        lines.append(f"| {r['name']} | {auc} | {ll} | {ne} |{g} {rel} | {r['runs']} |")
     note = ("RelaImpr = ((AUC_model - 0.5) / (AUC_LR - 0.5) - 1) x 100%, from the mean test AUCs."
             if has_lr else "RelaImpr needs lr among --models (it is measured against LR): left blank.")
-    return "\n".join(lines) + f"\n\nMean ± std (population, ddof=0) over seeds. {note}\n"
+    extra = (" NE = test logloss / entropy of the test CTR (below 1: better than predicting the CTR)."
+             + (" GAUC = the impression-weighted mean of per-group AUCs (--group-column)." if gauc else ""))
+    return "\n".join(lines) + f"\n\nMean ± std (population, ddof=0) over seeds. {note}{extra}\n"
+
+
+def _mean_std(r: dict[str, Any], key: str, digits: int) -> str:
+    """A table cell "mean ± std" of ``key`` (one seed: "(1 seed)"; not measured: blank)."""
+    m, s = r.get(f"{key}_mean", float("nan")), r.get(f"{key}_std", float("nan"))
+    if not r["runs"] or not np.isfinite(m):
+        return ""
+    return f"{m:.{digits}f} (1 seed)" if r["runs"] == 1 else f"{m:.{digits}f} ± {s:.{digits}f}"
 
 
 def write_tables(out: Path, runs: list[Run], rows: list[dict[str, Any]], has_lr: bool) -> list[Path]:
@@ -192,23 +211,24 @@ def write_tables(out: Path, runs: list[Run], rows: list[dict[str, Any]], has_lr:
     with outputs.atomic_file(results) as tmp, open(tmp, "w", newline="") as fh:
         w = csv.writer(fh)
         w.writerow(["model", "seed", "test_auc", "test_logloss", "valid_auc", "valid_logloss", "best_epoch",
-                    "epochs", "train_seconds", "test_rows"])
+                    "epochs", "train_seconds", "test_rows", "test_ne", "test_gauc"])
         for r in runs:
             if r.record is None:
                 continue
             d, t, v = r.record, r.record["metrics"]["test"], r.record["metrics"].get("valid", {})
             w.writerow([r.model, r.seed, _fmt(t["auc"], 6), _fmt(t["logloss"], 6), _fmt(v.get("auc"), 6),
                         _fmt(v.get("logloss"), 6), d.get("best_epoch"), d.get("epochs"),
-                        _fmt(d.get("train_seconds"), 2), t.get("rows")])
+                        _fmt(d.get("train_seconds"), 2), t.get("rows"), _fmt(t.get("ne"), 6), _fmt(t.get("gauc"), 6)])
     table_csv = out / "table.csv"
     with outputs.atomic_file(table_csv) as tmp, open(tmp, "w", newline="") as fh:
         w = csv.writer(fh)
         w.writerow(["model", "name", "runs", "auc_mean", "auc_std", "logloss_mean", "logloss_std",
-                    "relaimpr_percent"])
+                    "relaimpr_percent", "ne_mean", "ne_std", "gauc_mean", "gauc_std"])
         for r in rows:
             w.writerow([r["model"], r["name"], r["runs"], _fmt(r["auc_mean"], 6), _fmt(r["auc_std"], 6),
                         _fmt(r["logloss_mean"], 6), _fmt(r["logloss_std"], 6),
-                        "" if r["relaimpr"] is None else f"{r['relaimpr']:.4f}"])
+                        "" if r["relaimpr"] is None else f"{r['relaimpr']:.4f}",
+                        *(_fmt(r.get(k), 6) for k in ("ne_mean", "ne_std", "gauc_mean", "gauc_std"))])
     table_md = out / "table.md"
     outputs.write_text(table_md, table_markdown(rows, has_lr))
     return [results, table_csv, table_md]
@@ -287,9 +307,12 @@ def compare(
     command: str | None = None,
     echo: Any = None,
     force: bool = False,
+    weight_column: str | None = None,
+    group_column: str | None = None,
 ) -> Outcome:
     """Train every model x seed on the same prepared data, skipping runs already done in ``out``, then write
-    the tables, plots and report. echo: where the progress lines go (default: print)."""
+    the tables, plots and report. echo: where the progress lines go (default: print). weight_column: sample
+    weights for training and every metric; group_column: grouped AUC (GAUC) in the tables (``data.side``)."""
     t_start = time.monotonic()
     say = echo or (lambda s: print(s, flush=True))
     model_list = parse_models(models) if isinstance(models, str) else parse_models(",".join(models))
@@ -306,6 +329,8 @@ def compare(
     if valid_path is None and not 0 < valid_fraction < 1:
         raise DeepFMError(f"--valid-fraction must be in (0, 1), got {valid_fraction}")
     fmt = fmt or ("parquet" if str(train_path).endswith(".parquet") else "csv")
+    if streaming and (weight_column or group_column):
+        raise DeepFMError("--weight-column and --group-column are not available with --streaming yet")
 
     from deepfm import pipeline
     from deepfm import schema as schema_mod
@@ -330,13 +355,18 @@ def compare(
                     "valid_fraction": None if valid_path else valid_fraction,
                     "split_seed": None if valid_path else split_seed, "test": file_identity(test_path),
                     "on_bad_rows": on_bad_rows, "streaming": bool(streaming)}
+        if weight_column or group_column:  # only then: the keys of earlier runs stay valid
+            data_key["side"] = {"weight": weight_column, "group": group_column}
+        from deepfm.data.side import SideColumns
+
+        side = SideColumns(weight_column, group_column)
 
         # the plan: seed-major, so that a budget cut leaves whole seeds of every model
         runs: list[Run] = []
         for seed in range(1, seeds + 1):
             for m in model_list:
                 model_cfg, train_cfg = pipeline.resolve_config(preset, list(overrides), model=m, epochs=epochs,
-                                                               seed=seed, threads=threads)
+                                                               seed=seed, threads=threads, weight_column=weight_column)
                 r = Run(m, seed, run_key(model_cfg.to_dict(), train_cfg.to_dict(), data_key), model_cfg, train_cfg)
                 done = _read_json(out / "runs" / r.id / DONE)
                 if done and done.get("key") == r.key and done.get("model") == m and done.get("seed") == seed:
@@ -360,8 +390,8 @@ def compare(
                 test = pipeline.shard_file(test_path, fmt, prep.pre, on_bad_rows, cache_dir)
             else:
                 prep = pipeline.prepare(train_path, fmt, schema, valid_path, valid_fraction, split_seed, on_bad_rows,
-                                        cache_dir, use_cache)
-                test = pipeline.encode_file(test_path, fmt, prep.pre, on_bad_rows)
+                                        cache_dir, use_cache, side=side)
+                test = pipeline.encode_file(test_path, fmt, prep.pre, on_bad_rows, side=side)
             labels = test_labels(pipeline, test, prep)
             if labels is None:
                 raise DeepFMError(f"--test {test_path}: no label column, cannot evaluate")

@@ -35,13 +35,15 @@ from deepfm.config import MODEL_NAMES
 @click.option("--budget-minutes", type=float,
               help="Start no new run once this many minutes have passed; the report then lists the missing runs "
                    "(rerun the same command to add them).")
+@click.option("--weight-column", help="Column of per-row sample weights: a weighted loss and weighted metrics.")
+@click.option("--group-column", help="Column of group keys (e.g. a user id): adds the test GAUC to the tables.")
 @click.option("--out", required=True, type=click.Path(), help="Output folder (rerun with the same --out to resume).")
 @click.option("--force", is_flag=True, help="Write into --out even if it is a folder that is not a compare output.")
 @friendly
 @outputs.interruptible
 def compare_command(fmt, train_path, valid_path, valid_fraction, test_path, schema_path, models, seeds, split_seed,
                     preset, overrides, epochs, threads, min_count, on_bad_rows, cache_dir, no_cache, streaming,
-                    budget_minutes, out, force) -> None:
+                    budget_minutes, out, force, weight_column=None, group_column=None) -> None:
     """Compare models as in the DeepFM paper's Table 2: every model on the same splits and preprocessing,
     N seeds each; writes results.csv, table.md/.csv (AUC and logloss mean ± std, RelaImpr vs LR), plots and
     one self-contained report.html. Resumable: rerunning the same command skips the runs already done.
@@ -60,13 +62,14 @@ def compare_command(fmt, train_path, valid_path, valid_fraction, test_path, sche
               "--models": models, "--seeds": seeds, "--split-seed": split_seed, "--preset": preset,
               "--set": list(overrides), "--epochs": epochs, "--threads": threads, "--min-count": min_count,
               "--on-bad-rows": on_bad_rows if on_bad_rows != "error" else None, "--cache-dir": cache_dir,
-              "--no-cache": no_cache, "--streaming": streaming, "--budget-minutes": budget_minutes, "--out": out}
+              "--no-cache": no_cache, "--streaming": streaming, "--budget-minutes": budget_minutes,
+              "--weight-column": weight_column, "--group-column": group_column, "--out": out}
     res = compare(train_path, test_path, out, fmt=fmt, models=models, seeds=seeds, valid_path=valid_path,
                   valid_fraction=valid_fraction, split_seed=split_seed, schema_path=schema_path, preset=preset,
                   overrides=list(overrides), epochs=epochs, threads=threads, min_count=min_count,
                   on_bad_rows=on_bad_rows, cache_dir=cache_dir, use_cache=not no_cache,
                   streaming=streaming, budget_minutes=budget_minutes, command=command_line(params), echo=click.echo,
-                  force=force)
+                  force=force, weight_column=weight_column, group_column=group_column)
     click.echo("")
     click.echo(table_markdown(res.rows, "lr" in [r.model for r in res.runs]).rstrip())
     click.echo("")
