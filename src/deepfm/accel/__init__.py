@@ -13,8 +13,9 @@ block (models/)    accelerated (accel/)  what changes
                                          each way when training; a 16-aligned input gradient (mlp.py)
 =================  ====================  ===========================================================
 
-The C file (kernels.c) is compiled on first use (kernels.py); without a compiler, off CPU float32, under
-autocast, or while torch traces or exports, each falls back to its plain block. The swap changes each
+The C file (kernels.c) is compiled on first use (kernels.py); without a compiler, off CPU float32 (or
+bf16 activations under bf16 autocast, which the MLP kernels keep in bf16), under another autocast, or while
+torch traces or exports, each falls back to its plain block. The swap changes each
 module's class in place, as ``torch.nn.utils.parametrize`` does: the same parameters, buffers and
 ``state_dict`` keys, so bundles, checkpoints and optimisers are unaffected, and ``isinstance`` holds.
 

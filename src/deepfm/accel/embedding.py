@@ -59,10 +59,12 @@ class FastTable(FusedTable):
 
 
 def fusable(table: FusedTable, idx: torch.Tensor, val: torch.Tensor) -> bool:
-    """Whether :func:`fused_embed` can run (training or scoring): CPU float32 without autocast, no gradient
-    wanted for ``val``, not being traced or exported, kernels built."""
+    """Whether :func:`fused_embed` can run (training or scoring): CPU float32 tables, no gradient wanted for
+    ``val``, not being traced or exported, kernels built. Also under bf16 autocast: autocast would leave the
+    gather, FM and first-order terms in float32 anyway, and the MLP's first GEMM casts the output."""
     return (idx.device.type == "cpu" and val.dtype == torch.float32 and not val.requires_grad
-            and table.weight.dtype == torch.float32 and not torch.is_autocast_enabled("cpu")
+            and table.weight.dtype == torch.float32
+            and (not torch.is_autocast_enabled("cpu") or torch.get_autocast_dtype("cpu") == torch.bfloat16)
             and not kernels.capturing() and kernels.library() is not None)
 
 

@@ -482,3 +482,292 @@ int embed_backward(const float *restrict ge, int64_t ld, const float *restrict g
     free(lists);
     return 0;
 }
+
+/* ---- bf16 activations (bf16 autocast, train.precision bf16/auto): the same passes over bfloat16 [rows, cols]
+ * GEMM outputs (uint16 storage), math in float, parameters, statistics and sums in float/double as above.
+ * Rounding float -> bf16 is to nearest even, as torch's; a NaN stays a NaN. */
+static inline float bf2f(uint16_t h) {
+    union { uint32_t u; float f; } x;
+    x.u = (uint32_t)h << 16;
+    return x.f;
+}
+
+static inline uint16_t f2bf(float f) {
+    union { float f; uint32_t u; } x;
+    x.f = f;
+    const uint32_t u = x.u;
+    const uint32_t r = (u + 0x7fffu + ((u >> 16) & 1u)) >> 16;
+    return (uint16_t)(((u & 0x7fffffffu) > 0x7f800000u) ? ((u >> 16) | 0x40u) : r);
+}
+
+/* the multiplier (scale or 0) of element j of a row's mask bits, for any k */
+static inline float keep_at(const uint8_t *restrict bits, int k, uint32_t thr, float scale, int64_t j) {
+    uint32_t f;
+    if (k == 16) f = ((const uint16_t *)bits)[j];
+    else if (k == 8) f = bits[j];
+    else f = (bits[(j * k) >> 3] >> ((j * k) & 7)) & ((1u << k) - 1);
+    return f >= thr ? scale : 0.0f;
+}
+
+/* one row's multipliers (scale or 0) into m[cols], from the lut for k <= 8 */
+static inline void row_mask(float *restrict m, const uint8_t *restrict bits, const float (*lut)[8], int k,
+                            uint32_t thr, float scale, int64_t cols) {
+    if (k <= 8) {
+        const int E = 8 / k;
+        int64_t j = 0;
+        for (; j + E <= cols; j += E) {
+            const float *l = lut[bits[j / E]];
+            for (int t = 0; t < E; t++) m[j + t] = l[t];
+        }
+        for (; j < cols; j++) m[j] = lut[bits[j / E]][j % E];
+    } else {
+        for (int64_t j = 0; j < cols; j++) m[j] = keep_at(bits, k, thr, scale, j);
+    }
+}
+
+CLONES __attribute__((noinline)) static void bf_forward_row(uint16_t *restrict z, const float *restrict b,
+                                                            const float *restrict m, int64_t cols) {
+    for (int64_t j = 0; j < cols; j++) {
+        const float v = bf2f(z[j]) + b[j];
+        z[j] = f2bf((v < 0.0f ? 0.0f : v) * m[j]);
+    }
+}
+
+/* z [rows, cols] bf16 (the GEMM x W^T) <- dropout(relu(z + b)) in place (b float) */
+CLONES void relu_dropout_forward_bf16(uint16_t *restrict z, const float *restrict b, const uint8_t *restrict bits,
+                                      int64_t row_bytes, int k, uint32_t thr, float scale, int64_t rows,
+                                      int64_t cols) {
+    float lut[256][8] __attribute__((aligned(32)));
+    if (k <= 8) dropout_lut(lut, k, thr, scale);
+#pragma omp parallel
+    {
+        float *m = malloc((size_t)cols * sizeof(float));
+#pragma omp for schedule(static)
+        for (int64_t r = 0; r < rows; r++) {
+            row_mask(m, bits + r * row_bytes, (const float (*)[8])lut, k, thr, scale, cols);
+            bf_forward_row(z + r * cols, b, m, cols);
+        }
+        free(m);
+    }
+}
+
+CLONES __attribute__((noinline)) static void bf_backward_row(uint16_t *restrict o, const uint16_t *restrict g,
+                                                             const uint16_t *restrict y, float scale,
+                                                             float *restrict blk, int64_t cols) {
+    for (int64_t j = 0; j < cols; j++) {
+        const float v = bf2f(g[j]) * (bf2f(y[j]) > 0.0f ? scale : 0.0f);
+        o[j] = f2bf(v);
+        blk[j] += v;
+    }
+}
+
+/* out = dL/dz = (y > 0 ? g * scale : 0) in bf16, gb = its column sums (in float/double, before rounding) */
+CLONES int relu_dropout_backward_bf16(uint16_t *restrict out, const uint16_t *restrict g, const uint16_t *restrict y,
+                                      float scale, float *restrict gb, int64_t rows, int64_t cols) {
+    const int nt = omp_get_max_threads();
+    double *part = calloc((size_t)nt * (size_t)cols, sizeof(double));
+    float *blocks = calloc((size_t)nt * (size_t)cols, sizeof(float));
+    if (!part || !blocks) {
+        free(part);
+        free(blocks);
+        return 1;
+    }
+#pragma omp parallel num_threads(nt)
+    {
+        const int tid = omp_get_thread_num();
+        double *restrict acc = part + (size_t)tid * (size_t)cols;
+        float *restrict blk = blocks + (size_t)tid * (size_t)cols;
+        int n = 0;
+#pragma omp for schedule(static)
+        for (int64_t r = 0; r < rows; r++) {
+            bf_backward_row(out + r * cols, g + r * cols, y + r * cols, scale, blk, cols);
+            if (++n == 64) {
+                flush_block(acc, blk, cols);
+                n = 0;
+            }
+        }
+        flush_block(acc, blk, cols);
+    }
+    reduce_threads(part, nt, (size_t)cols, cols, gb);
+    free(part);
+    free(blocks);
+    return 0;
+}
+
+CLONES __attribute__((noinline)) static void bf_stats_row(const uint16_t *restrict z, float *restrict b1,
+                                                          float *restrict b2, int64_t cols) {
+    for (int64_t j = 0; j < cols; j++) {
+        const float v = bf2f(z[j]);
+        b1[j] += v;
+        b2[j] += v * v;
+    }
+}
+
+/* column mean and biased variance of bf16 z, as column_stats */
+CLONES int column_stats_bf16(const uint16_t *restrict z, int64_t rows, int64_t cols, double *restrict mean,
+                             double *restrict var) {
+    const int nt = omp_get_max_threads();
+    double *part = calloc((size_t)nt * (size_t)cols * 2, sizeof(double));
+    float *blocks = calloc((size_t)nt * (size_t)cols * 2, sizeof(float));
+    if (!part || !blocks) {
+        free(part);
+        free(blocks);
+        return 1;
+    }
+#pragma omp parallel num_threads(nt)
+    {
+        const int tid = omp_get_thread_num();
+        double *restrict s1 = part + (size_t)tid * (size_t)cols * 2, *restrict s2 = s1 + cols;
+        float *restrict b1 = blocks + (size_t)tid * (size_t)cols * 2, *restrict b2 = b1 + cols;
+        int n = 0;
+#pragma omp for schedule(static)
+        for (int64_t r = 0; r < rows; r++) {
+            bf_stats_row(z + r * cols, b1, b2, cols);
+            if (++n == 64) {
+                flush_block(s1, b1, cols);
+                flush_block(s2, b2, cols);
+                n = 0;
+            }
+        }
+        flush_block(s1, b1, cols);
+        flush_block(s2, b2, cols);
+    }
+    for (int64_t j = 0; j < cols; j++) {
+        double a = 0.0, q = 0.0;
+        for (int t = 0; t < nt; t++) {
+            a += part[(size_t)t * (size_t)cols * 2 + j];
+            q += part[(size_t)t * (size_t)cols * 2 + cols + j];
+        }
+        mean[j] = a / (double)rows;
+        const double v = q / (double)rows - mean[j] * mean[j];
+        var[j] = v > 0.0 ? v : 0.0;
+    }
+    free(part);
+    free(blocks);
+    return 0;
+}
+
+CLONES __attribute__((noinline)) static void bf_affine_row(const uint16_t *restrict z, uint16_t *restrict y,
+                                                           const float *restrict a, const float *restrict c,
+                                                           const float *restrict m, int64_t cols) {
+    for (int64_t j = 0; j < cols; j++) {
+        const float v = a[j] * bf2f(z[j]) + c[j];
+        y[j] = f2bf((v < 0.0f ? 0.0f : v) * m[j]);
+    }
+}
+
+/* y = dropout(relu(a * z + c)) in bf16 from bf16 z (kept for the backward) */
+CLONES void affine_relu_dropout_forward_bf16(const uint16_t *restrict z, uint16_t *restrict y, const float *restrict a,
+                                             const float *restrict c, const uint8_t *restrict bits, int64_t row_bytes,
+                                             int k, uint32_t thr, float scale, int64_t rows, int64_t cols) {
+    float lut[256][8] __attribute__((aligned(32)));
+    if (k <= 8) dropout_lut(lut, k, thr, scale);
+#pragma omp parallel
+    {
+        float *m = malloc((size_t)cols * sizeof(float));
+#pragma omp for schedule(static)
+        for (int64_t r = 0; r < rows; r++) {
+            row_mask(m, bits + r * row_bytes, (const float (*)[8])lut, k, thr, scale, cols);
+            bf_affine_row(z + r * cols, y + r * cols, a, c, m, cols);
+        }
+        free(m);
+    }
+}
+
+CLONES __attribute__((noinline)) static void bf_bn_row1(const uint16_t *restrict g, const uint16_t *restrict y,
+    const uint16_t *restrict z, const float *restrict mu, const float *restrict is, float scale,
+    float *restrict b1, float *restrict b2, int64_t cols) {
+    for (int64_t j = 0; j < cols; j++) {
+        const float gu = bf2f(g[j]) * (bf2f(y[j]) > 0.0f ? scale : 0.0f);
+        b1[j] += gu;
+        b2[j] += gu * ((bf2f(z[j]) - mu[j]) * is[j]);
+    }
+}
+
+CLONES __attribute__((noinline)) static void bf_bn_row2(uint16_t *restrict o, const uint16_t *restrict g,
+    const uint16_t *restrict y, const uint16_t *restrict z, const float *restrict mu, const float *restrict is,
+    float scale, const float *restrict k0, const float *restrict k1, const float *restrict k2,
+    float *restrict blk, int64_t cols) {
+    for (int64_t j = 0; j < cols; j++) {
+        const float gu = bf2f(g[j]) * (bf2f(y[j]) > 0.0f ? scale : 0.0f);
+        const float v = k0[j] * gu - k1[j] - k2[j] * ((bf2f(z[j]) - mu[j]) * is[j]);
+        o[j] = f2bf(v);
+        blk[j] += v;
+    }
+}
+
+/* bn_relu_dropout_backward over bf16 gy, y, z, writing bf16 dz: pass 1 only sums (gu is recomputed in pass 2
+ * rather than stored rounded to bf16 in dz) */
+CLONES int bn_relu_dropout_backward_bf16(uint16_t *restrict dz, const uint16_t *restrict gy, const uint16_t *restrict y,
+                                         const uint16_t *restrict z, const float *restrict mean,
+                                         const float *restrict invstd, const float *restrict gamma, float scale,
+                                         float *restrict dgamma, float *restrict dbeta, float *restrict gb,
+                                         int64_t rows, int64_t cols) {
+    const int nt = omp_get_max_threads();
+    double *part = calloc((size_t)nt * (size_t)cols * 2, sizeof(double));
+    float *blocks = calloc((size_t)nt * (size_t)cols * 2, sizeof(float));
+    float *coef = malloc((size_t)cols * 3 * sizeof(float));
+    if (!part || !blocks || !coef) {
+        free(part);
+        free(blocks);
+        free(coef);
+        return 1;
+    }
+#pragma omp parallel num_threads(nt)
+    {
+        const int tid = omp_get_thread_num();
+        double *restrict s1 = part + (size_t)tid * (size_t)cols * 2, *restrict s2 = s1 + cols;
+        float *restrict b1 = blocks + (size_t)tid * (size_t)cols * 2, *restrict b2 = b1 + cols;
+        const float *restrict mu = mean, *restrict is = invstd;
+        const float sc = scale;
+        int n = 0;
+#pragma omp for schedule(static)
+        for (int64_t r = 0; r < rows; r++) {
+            bf_bn_row1(gy + r * cols, y + r * cols, z + r * cols, mu, is, sc, b1, b2, cols);
+            if (++n == 64) {
+                flush_block(s1, b1, cols);
+                flush_block(s2, b2, cols);
+                n = 0;
+            }
+        }
+        flush_block(s1, b1, cols);
+        flush_block(s2, b2, cols);
+#pragma omp barrier
+#pragma omp single
+        {
+            for (int64_t j = 0; j < cols; j++) {
+                double a = 0.0, q = 0.0;
+                for (int t = 0; t < nt; t++) {
+                    a += part[(size_t)t * (size_t)cols * 2 + j];
+                    q += part[(size_t)t * (size_t)cols * 2 + cols + j];
+                }
+                dbeta[j] = (float)a;
+                dgamma[j] = (float)q;
+                const float k0 = gamma[j] * invstd[j];
+                coef[j] = k0;
+                coef[cols + j] = k0 * (float)(a / (double)rows);
+                coef[2 * cols + j] = k0 * (float)(q / (double)rows);
+            }
+            memset(part, 0, (size_t)nt * (size_t)cols * 2 * sizeof(double));
+        }
+        double *restrict acc = part + (size_t)tid * (size_t)cols;
+        float *restrict blk = b1;
+        for (int64_t j = 0; j < cols; j++) blk[j] = 0.0f;
+        n = 0;
+        const float *restrict k0 = coef, *restrict k1 = coef + cols, *restrict k2 = coef + 2 * cols;
+#pragma omp for schedule(static)
+        for (int64_t r = 0; r < rows; r++) {
+            bf_bn_row2(dz + r * cols, gy + r * cols, y + r * cols, z + r * cols, mu, is, sc, k0, k1, k2, blk, cols);
+            if (++n == 64) {
+                flush_block(acc, blk, cols);
+                n = 0;
+            }
+        }
+        flush_block(acc, blk, cols);
+    }
+    reduce_threads(part, nt, (size_t)cols, cols, gb);
+    free(part);
+    free(blocks);
+    free(coef);
+    return 0;
+}

@@ -128,6 +128,16 @@ def _build() -> tuple[ctypes.CDLL | None, str]:
         lib.embed_backward.argtypes = [p, i64, p, p, p, p, p, p, i64, i64, i64, i64, p, p, p, i64, p, p,
                                        ctypes.c_float]
         lib.embed_backward.restype = ctypes.c_int
+        lib.relu_dropout_forward_bf16.argtypes = lib.relu_dropout_forward.argtypes
+        lib.relu_dropout_forward_bf16.restype = None
+        lib.relu_dropout_backward_bf16.argtypes = lib.relu_dropout_backward.argtypes
+        lib.relu_dropout_backward_bf16.restype = ctypes.c_int
+        lib.column_stats_bf16.argtypes = lib.column_stats.argtypes
+        lib.column_stats_bf16.restype = ctypes.c_int
+        lib.affine_relu_dropout_forward_bf16.argtypes = lib.affine_relu_dropout_forward.argtypes
+        lib.affine_relu_dropout_forward_bf16.restype = None
+        lib.bn_relu_dropout_backward_bf16.argtypes = lib.bn_relu_dropout_backward.argtypes
+        lib.bn_relu_dropout_backward_bf16.restype = ctypes.c_int
         return lib, f"on ({lib_path})"
     return None, f"off (build failed: {'; '.join(e[0] for e in errors)})"
 
@@ -162,10 +172,17 @@ def capturing() -> bool:
                 or torch.compiler.is_compiling())
 
 
-def _check(t: torch.Tensor, shape: tuple[int, ...]) -> None:
-    if t.dtype != torch.float32 or not t.is_contiguous() or tuple(t.shape) != shape or t.device.type != "cpu":
-        raise ValueError(f"expected a contiguous float32 CPU tensor of shape {shape}, got {t.dtype} "
+def _check(t: torch.Tensor, shape: tuple[int, ...], dtype: torch.dtype = torch.float32) -> None:
+    if t.dtype != dtype or not t.is_contiguous() or tuple(t.shape) != shape or t.device.type != "cpu":
+        raise ValueError(f"expected a contiguous {dtype} CPU tensor of shape {shape}, got {t.dtype} "
                          f"{tuple(t.shape)} contiguous={t.is_contiguous()}")
+
+
+def _act(t: torch.Tensor) -> tuple[torch.dtype, str]:
+    """The activation dtype a kernel runs in (float32 or bfloat16) and its symbol suffix."""
+    if t.dtype == torch.bfloat16:
+        return torch.bfloat16, "_bf16"
+    return torch.float32, ""
 
 
 def relu_dropout_forward(z: torch.Tensor, bias: torch.Tensor, bits: np.ndarray, k: int, threshold: int,
@@ -173,32 +190,36 @@ def relu_dropout_forward(z: torch.Tensor, bias: torch.Tensor, bits: np.ndarray, 
     """z [rows, cols] <- dropout(relu(z + bias)) in place; ``bits`` [rows, row_words] uint64 row-aligned raw
     bits, element j kept when its k-bit field >= threshold (see FastDropout.draw)."""
     rows, cols = z.shape
-    _check(z, (rows, cols))
+    dt, sfx = _act(z)
+    _check(z, (rows, cols), dt)
     _check(bias, (cols,))
     _bits_ok(bits, rows, cols, k)
-    library().relu_dropout_forward(z.data_ptr(), bias.data_ptr(), bits.ctypes.data, bits.shape[1] * 8, k,
-                                   threshold, scale, rows, cols)
+    getattr(library(), "relu_dropout_forward" + sfx)(z.data_ptr(), bias.data_ptr(), bits.ctypes.data,
+                                                     bits.shape[1] * 8, k, threshold, scale, rows, cols)
 
 
 def relu_dropout_backward(grad: torch.Tensor, y: torch.Tensor, scale: float) -> tuple[torch.Tensor, torch.Tensor]:
-    """(dL/dz [rows, cols], dL/dbias [cols]) from dL/dy and the forward's output y."""
+    """(dL/dz [rows, cols], dL/dbias [cols] float32) from dL/dy and the forward's output y (both float32,
+    or both bfloat16: then dL/dz is bfloat16)."""
     rows, cols = y.shape
+    dt, sfx = _act(y)
     grad = grad.contiguous()
-    _check(grad, (rows, cols))
-    _check(y, (rows, cols))
-    out, gb = torch.empty_like(y), y.new_empty(cols)
-    if library().relu_dropout_backward(out.data_ptr(), grad.data_ptr(), y.data_ptr(), scale, gb.data_ptr(),
-                                       rows, cols):
+    _check(grad, (rows, cols), dt)
+    _check(y, (rows, cols), dt)
+    out, gb = torch.empty_like(y), y.new_empty(cols, dtype=torch.float32)
+    if getattr(library(), "relu_dropout_backward" + sfx)(out.data_ptr(), grad.data_ptr(), y.data_ptr(), scale,
+                                                         gb.data_ptr(), rows, cols):
         raise MemoryError("relu_dropout_backward: out of memory for the bias-gradient partial sums")
     return out, gb
 
 
 def column_stats(z: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """(mean [cols], biased variance [cols]) of z [rows, cols], float64."""
+    """(mean [cols], biased variance [cols]) of z [rows, cols] (float32 or bfloat16), float64."""
     rows, cols = z.shape
-    _check(z, (rows, cols))
+    dt, sfx = _act(z)
+    _check(z, (rows, cols), dt)
     mean, var = torch.empty(cols, dtype=torch.float64), torch.empty(cols, dtype=torch.float64)
-    if library().column_stats(z.data_ptr(), rows, cols, mean.data_ptr(), var.data_ptr()):
+    if getattr(library(), "column_stats" + sfx)(z.data_ptr(), rows, cols, mean.data_ptr(), var.data_ptr()):
         raise MemoryError("column_stats: out of memory for the partial sums")
     return mean, var
 
@@ -210,16 +231,18 @@ def _bits_ok(bits: np.ndarray, rows: int, cols: int, k: int) -> None:
 
 def affine_relu_dropout_forward(z: torch.Tensor, a: torch.Tensor, c: torch.Tensor, bits: np.ndarray, k: int,
                                 threshold: int, scale: float) -> torch.Tensor:
-    """dropout(relu(a * z + c)) [rows, cols] (a new tensor; a, c [cols]); mask bits as in
-    :func:`relu_dropout_forward`."""
+    """dropout(relu(a * z + c)) [rows, cols] (a new tensor of z's dtype, float32 or bfloat16; a, c [cols]
+    float32); mask bits as in :func:`relu_dropout_forward`."""
     rows, cols = z.shape
-    _check(z, (rows, cols))
+    dt, sfx = _act(z)
+    _check(z, (rows, cols), dt)
     _check(a, (cols,))
     _check(c, (cols,))
     _bits_ok(bits, rows, cols, k)
     y = torch.empty_like(z)
-    library().affine_relu_dropout_forward(z.data_ptr(), y.data_ptr(), a.data_ptr(), c.data_ptr(), bits.ctypes.data,
-                                          bits.shape[1] * 8, k, threshold, scale, rows, cols)
+    getattr(library(), "affine_relu_dropout_forward" + sfx)(z.data_ptr(), y.data_ptr(), a.data_ptr(), c.data_ptr(),
+                                                            bits.ctypes.data, bits.shape[1] * 8, k, threshold, scale,
+                                                            rows, cols)
     return y
 
 
@@ -227,18 +250,21 @@ def bn_relu_dropout_backward(grad: torch.Tensor, y: torch.Tensor, z: torch.Tenso
                              invstd: torch.Tensor, gamma: torch.Tensor, scale: float
                              ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """(dL/dz, dL/dgamma, dL/dbeta, dL/dbias) of y = dropout(relu(gamma * (z - mean) * invstd + beta)) with
-    batch statistics (mean, invstd [cols] float32 of z itself)."""
+    batch statistics (mean, invstd [cols] float32 of z itself). grad, y, z (and dL/dz) all float32 or all
+    bfloat16; the parameter gradients float32."""
     rows, cols = y.shape
+    dt, sfx = _act(y)
     grad = grad.contiguous()
     for t in (grad, y, z):
-        _check(t, (rows, cols))
+        _check(t, (rows, cols), dt)
     for t in (mean, invstd, gamma):
         _check(t, (cols,))
     dz = torch.empty_like(z)
-    dgamma, dbeta, gb = z.new_empty(cols), z.new_empty(cols), z.new_empty(cols)
-    if library().bn_relu_dropout_backward(dz.data_ptr(), grad.data_ptr(), y.data_ptr(), z.data_ptr(), mean.data_ptr(),
-                                          invstd.data_ptr(), gamma.data_ptr(), scale, dgamma.data_ptr(),
-                                          dbeta.data_ptr(), gb.data_ptr(), rows, cols):
+    dgamma, dbeta, gb = (z.new_empty(cols, dtype=torch.float32) for _ in range(3))
+    if getattr(library(), "bn_relu_dropout_backward" + sfx)(dz.data_ptr(), grad.data_ptr(), y.data_ptr(),
+                                                            z.data_ptr(), mean.data_ptr(), invstd.data_ptr(),
+                                                            gamma.data_ptr(), scale, dgamma.data_ptr(),
+                                                            dbeta.data_ptr(), gb.data_ptr(), rows, cols):
         raise MemoryError("bn_relu_dropout_backward: out of memory for the partial sums")
     return dz, dgamma, dbeta, gb
 

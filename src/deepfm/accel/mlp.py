@@ -4,6 +4,12 @@ on a 16-aligned weight. Scoring takes ReLU in place.
 
 Applied by :func:`deepfm.accel.accelerate` (:class:`FusedMLP`); the same masks and the same math as the plain
 ``MLP`` (tests compare both), which it falls back to where the kernels do not apply.
+
+Under bf16 autocast (``train.precision`` bf16/auto) the same blocks keep their activations in bfloat16: the
+GEMMs take bf16 inputs and write bf16, the C passes read and write bf16 (math, parameters and statistics in
+float32), so each direction is still one memory pass over half the bytes, and the only casts are the
+weights' (small) and the first layer's input and gradient (the fp32 embedding output). Eager autocast instead
+turns each block's output back into float32 (dropout's float mask promotes it) for the next GEMM to cast again.
 """
 
 from __future__ import annotations
@@ -51,30 +57,44 @@ class _AlignedLinear(torch.autograd.Function):
         return gx, gw, gb
 
 
+def _low(x: torch.Tensor, weight: torch.Tensor, half: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """(x, W) as the GEMM takes them: bf16 under bf16 autocast (``half``), else as they are."""
+    if not half:
+        return x, weight
+    return x.to(torch.bfloat16), weight.to(torch.bfloat16)
+
+
+def _bf16_autocast() -> bool:
+    return torch.is_autocast_enabled("cpu") and torch.get_autocast_dtype("cpu") == torch.bfloat16
+
+
 class _LinearReLUDropout(torch.autograd.Function):
     """y = dropout(relu(x W^T + b)) for training on CPU, with the fused C passes of ``kernels``: forward is
     the GEMM (without the bias copy of ``addmm``) then one in-place pass (bias, ReLU, mask, scale) reading
     the raw mask bits; backward one pass (mask, scale, bias gradient) and the two GEMMs. Eager PyTorch
     needs 5-6 passes over the activations for the same (plus a float mask). Saves x, W and y (the next
-    layer's x: no extra memory). Same mask, same math as the eager path (tested)."""
+    layer's x: no extra memory). Same mask, same math as the eager path (tested). ``half``: bf16 autocast
+    (x and W cast to bf16, y and the gradients of x and z bf16; see the module docstring)."""
 
     @staticmethod
-    def forward(ctx, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, drop: FastDropout  # type: ignore[override]
-                ) -> torch.Tensor:
-        y = torch.mm(x, weight.t())
+    def forward(ctx, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, drop: FastDropout,  # type: ignore[override]
+                half: bool = False) -> torch.Tensor:
+        ctx.x_dtype = x.dtype
+        x, w = _low(x, weight, half)
+        y = torch.mm(x, w.t())
         scale = 1.0 / (1.0 - drop.p)
         kernels.relu_dropout_forward(y, bias, drop.draw(y.shape), drop.bits, drop.threshold, scale)
-        ctx.save_for_backward(x, weight, y)
+        ctx.save_for_backward(x, w, y)
         ctx.scale = scale
         return y
 
     @staticmethod
     def backward(ctx, grad: torch.Tensor):  # type: ignore[override]
         x, weight, y = ctx.saved_tensors
-        gz, gb = kernels.relu_dropout_backward(grad, y, ctx.scale)
-        gx = _grad_input(gz, weight) if ctx.needs_input_grad[0] else None
-        gw = gz.t().mm(x) if ctx.needs_input_grad[1] else None
-        return gx, gw, gb if ctx.needs_input_grad[2] else None, None
+        gz, gb = kernels.relu_dropout_backward(grad.to(y.dtype), y, ctx.scale)
+        gx = _grad_input(gz, weight).to(ctx.x_dtype) if ctx.needs_input_grad[0] else None
+        gw = gz.t().mm(x).float() if ctx.needs_input_grad[1] else None
+        return gx, gw, gb if ctx.needs_input_grad[2] else None, None, None
 
 
 class _LinearBNReLUDropout(torch.autograd.Function):
@@ -83,11 +103,15 @@ class _LinearBNReLUDropout(torch.autograd.Function):
     statistics and one for normalise + affine + ReLU + mask; backward two passes (the sums of batch norm's
     gradient, then dL/dz with the bias gradient). The bias is left out of the GEMM's output: batch norm
     subtracts the batch mean, so it only moves the running mean, which gets it added (as nn.BatchNorm1d's
-    would). Running statistics and ``num_batches_tracked`` are updated as nn.BatchNorm1d does."""
+    would). Running statistics and ``num_batches_tracked`` are updated as nn.BatchNorm1d does. ``half``: as
+    :class:`_LinearReLUDropout` (z, y and the activation gradients bf16; statistics from the bf16 z, as
+    autocast's batch norm of the bf16 GEMM output)."""
 
     @staticmethod
     def forward(ctx, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, gamma: torch.Tensor,  # type: ignore[override]
-                beta: torch.Tensor, bn: nn.BatchNorm1d, drop: FastDropout) -> torch.Tensor:
+                beta: torch.Tensor, bn: nn.BatchNorm1d, drop: FastDropout, half: bool = False) -> torch.Tensor:
+        ctx.x_dtype = x.dtype
+        x, weight = _low(x, weight, half)
         z = torch.mm(x, weight.t())
         n = z.shape[0]
         mean, var = kernels.column_stats(z)  # float64
@@ -108,10 +132,11 @@ class _LinearBNReLUDropout(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad: torch.Tensor):  # type: ignore[override]
         x, weight, z, y, mean, invstd, gamma = ctx.saved_tensors
-        dz, dgamma, dbeta, gb = kernels.bn_relu_dropout_backward(grad, y, z, mean, invstd, gamma.float(), ctx.scale)
-        gx = _grad_input(dz, weight) if ctx.needs_input_grad[0] else None
-        gw = dz.t().mm(x) if ctx.needs_input_grad[1] else None
-        return gx, gw, gb, dgamma, dbeta, None, None
+        dz, dgamma, dbeta, gb = kernels.bn_relu_dropout_backward(grad.to(y.dtype), y, z, mean, invstd, gamma.float(),
+                                                                 ctx.scale)
+        gx = _grad_input(dz, weight).to(ctx.x_dtype) if ctx.needs_input_grad[0] else None
+        gw = dz.t().mm(x).float() if ctx.needs_input_grad[1] else None
+        return gx, gw, gb, dgamma, dbeta, None, None, None
 
 
 def _fusable_bn(layer: nn.Linear, bn: nn.BatchNorm1d, drop: FastDropout, x: torch.Tensor) -> bool:
@@ -123,11 +148,17 @@ def _fusable_bn(layer: nn.Linear, bn: nn.BatchNorm1d, drop: FastDropout, x: torc
 
 def _fusable(layer: nn.Linear, drop: FastDropout, x: torch.Tensor) -> bool:
     """Whether Linear -> ReLU -> ``drop`` runs as :class:`_LinearReLUDropout`: training with gradients, on
-    CPU in float32 without autocast, dropout on, and the kernels built (``kernels.status()``)."""
+    CPU with float32 weights, float32 x without autocast or float32/bf16 x under bf16 autocast, dropout on,
+    and the kernels built (``kernels.status()``)."""
+    if torch.is_autocast_enabled("cpu"):
+        if not _bf16_autocast() or x.dtype not in (torch.float32, torch.bfloat16):
+            return False
+    elif x.dtype != torch.float32:
+        return False
     return (layer.training and drop.training and drop.p > 0 and layer.bias is not None and x.dim() == 2
-            and x.device.type == "cpu" and x.dtype == torch.float32 and layer.weight.dtype == torch.float32
+            and x.device.type == "cpu" and layer.weight.dtype == torch.float32
             and torch.is_grad_enabled() and layer.weight.requires_grad and layer.bias.requires_grad
-            and not torch.is_autocast_enabled("cpu") and not kernels.capturing() and kernels.library() is not None)
+            and not kernels.capturing() and kernels.library() is not None)
 
 
 def linear(layer: nn.Linear, x: torch.Tensor) -> torch.Tensor:
@@ -147,17 +178,19 @@ class FusedMLP(MLP):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         layers = list(self.net)
+        half = _bf16_autocast()
         i = 0
         while i < len(layers):
             layer = layers[i]
             nxt = layers[i + 1] if i + 1 < len(layers) else None
             if (isinstance(layer, nn.Linear) and isinstance(nxt, nn.ReLU) and i + 2 < len(layers)
                     and isinstance(layers[i + 2], FastDropout) and _fusable(layer, layers[i + 2], x)):
-                x, i = _LinearReLUDropout.apply(x, layer.weight, layer.bias, layers[i + 2]), i + 3
+                x, i = _LinearReLUDropout.apply(x, layer.weight, layer.bias, layers[i + 2], half), i + 3
             elif (isinstance(layer, nn.Linear) and isinstance(nxt, nn.BatchNorm1d) and i + 3 < len(layers)
                   and isinstance(layers[i + 2], nn.ReLU) and isinstance(layers[i + 3], FastDropout)
                   and _fusable_bn(layer, nxt, layers[i + 3], x)):
-                x = _LinearBNReLUDropout.apply(x, layer.weight, layer.bias, nxt.weight, nxt.bias, nxt, layers[i + 3])
+                x = _LinearBNReLUDropout.apply(x, layer.weight, layer.bias, nxt.weight, nxt.bias, nxt, layers[i + 3],
+                                               half)
                 i += 4
             elif isinstance(layer, nn.ReLU) and isinstance(nxt, FastDropout):
                 x, i = nxt(x, relu=True), i + 2  # ReLU then dropout in one pass
