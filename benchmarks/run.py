@@ -13,7 +13,10 @@ Settings:
 Each system runs in its own process (so peak RSS is its own), one after the other (never two at once: on 2
 cores they would distort each other). Peers run from a separate virtualenv (benchmarks/peers/setup_peers.sh)
 that reuses the CPU torch build. Writes benchmarks/results/<setting>.json and the tables in
-docs/benchmarks.md between the ``bench:<setting>`` markers, with the date, the CPU line and the GEMM rate.
+docs/benchmarks.md between the ``bench:<setting>:<cpu kind>`` markers (one table per CPU kind measured, e.g.
+``amd-epyc-avx2``, ``intel-xeon-amx``), with the date, the CPU line, its flags and the GEMM rate; every result
+records the CPU model and flags too. deepfm runs in every precision the CPU supports: fp32 everywhere, and
+bf16 (``deepfm-bf16``, ``deepfm-sparse-bf16``) where it has AVX512-BF16 or AMX.
 """
 
 from __future__ import annotations
@@ -35,7 +38,10 @@ from gemm import measure as gemm_measure  # noqa: E402
 
 PEERS = ("deepctr", "torchfm", "fuxictr")
 DEEPFM = {"deepfm": ["--embedding-update", "dense"], "deepfm-sparse": ["--embedding-update", "sparse"],
+          "deepfm-bf16": ["--embedding-update", "dense", "--precision", "bf16"],
           "deepfm-sparse-bf16": ["--embedding-update", "sparse", "--precision", "bf16"]}
+# the ISA flags that decide which precisions are fast here (recorded with every result)
+CPU_FLAGS = ("avx2", "avx512f", "avx512_bf16", "avx512_vnni", "amx_bf16", "amx_tile", "amx_int8", "avx512_fp16")
 # large: dense optimisers over a 10M-row table take minutes per hundred steps, so every system trains on
 # the first 20 batches only (a throughput measurement; the AUC after 20 steps is not compared), and
 # FuxiCTR, whose Ray preprocessing alone runs at ~12k rows/s, is left out of the default systems there.
@@ -54,12 +60,28 @@ def cpu_line() -> str:
     return platform.processor() or platform.machine()
 
 
-def has_fast_bf16() -> bool:
+def cpu_flags() -> list[str]:
+    """The CPU_FLAGS this CPU has (/proc/cpuinfo)."""
     try:
-        flags = Path("/proc/cpuinfo").read_text()
+        m = re.search(r"^flags\s*:\s*(.+)$", Path("/proc/cpuinfo").read_text(), re.M)
     except OSError:
-        return False
-    return bool(re.search(r"\b(avx512_bf16|amx_bf16)\b", flags))
+        return []
+    have = set(m.group(1).split()) if m else set()
+    return [f for f in CPU_FLAGS if f in have]
+
+
+def has_fast_bf16() -> bool:
+    return bool({"avx512_bf16", "amx_bf16"} & set(cpu_flags()))
+
+
+def cpu_kind() -> str:
+    """The docs table a run goes to: vendor and family words of the model name, then the fastest GEMM ISA,
+    e.g. ``amd-epyc-avx2`` (Zen 3), ``amd-epyc-avx512bf16`` (Zen 4/5), ``intel-xeon-amx``."""
+    words = re.sub(r"\((R|TM|tm)\)|\bprocessor\b|\bcpu\b", " ", cpu_line().split(",")[0], flags=re.I).split()
+    flags = set(cpu_flags())
+    isa = ("amx" if "amx_bf16" in flags else "avx512bf16" if "avx512_bf16" in flags
+           else "avx512" if "avx512f" in flags else "avx2" if "avx2" in flags else platform.machine())
+    return "-".join([*(w.lower() for w in words[:2]), isa])
 
 
 def make_data(work: Path, setting: str, rows: int) -> Path:
@@ -93,6 +115,7 @@ def run_one(system: str, data: Path, min_count: int, out: Path, peers_python: Pa
         return {"system": system, "error": f"exit {p.returncode}: {' | '.join(tail)}"}
     res = json.loads(out.read_text())
     res["system"] = system
+    res["cpu"], res["cpu_flags"] = cpu_line(), cpu_flags()
     res["wall_seconds"] = time.perf_counter() - t0
     print(f"[bench] {system}: done in {res['wall_seconds']:.0f} s", flush=True)
     return res
@@ -155,10 +178,10 @@ def ratios(results: list[dict], gemm: dict) -> str:
     return "\n".join(out)
 
 
-def write_docs(setting: str, block: str) -> None:
+def write_docs(setting: str, block: str, kind: str) -> None:
     doc = ROOT / "docs" / "benchmarks.md"
     text = doc.read_text() if doc.exists() else "# Benchmarks\n"
-    start, end = f"<!-- bench:{setting}:start -->", f"<!-- bench:{setting}:end -->"
+    start, end = f"<!-- bench:{setting}:{kind}:start -->", f"<!-- bench:{setting}:{kind}:end -->"
     new = f"{start}\n{block}\n{end}"
     if start in text and end in text:
         text = text[: text.index(start)] + new + text[text.index(end) + len(end):]
@@ -179,14 +202,16 @@ def main() -> None:
     ap.add_argument("--no-docs", action="store_true", help="do not rewrite docs/benchmarks.md")
     a = ap.parse_args()
     systems = [s for s in a.systems.split(",") if s]
-    if "deepfm-sparse-bf16" in systems and not has_fast_bf16():
-        print("[bench] skipping deepfm-sparse-bf16: this CPU has no AVX512-BF16/AMX (see the GEMM rates)")
-        systems.remove("deepfm-sparse-bf16")
+    for s in [s for s in systems if s.endswith("-bf16")]:
+        if not has_fast_bf16():
+            print(f"[bench] skipping {s}: this CPU has no AVX512-BF16/AMX (see the GEMM rates)")
+            systems.remove(s)
     if any(s in PEERS for s in systems):
         subprocess.run(["bash", str(ROOT / "benchmarks/peers/setup_peers.sh"), str(a.peers_venv)], check=True)
     gemm = gemm_measure(a.threads)
     print(f"[bench] GEMM: {json.dumps(gemm)}", flush=True)
     date = datetime.date.today().isoformat()
+    kind = cpu_kind()
     for setting in a.settings.split(","):
         conf = SETTINGS[setting]
         rows = conf.get("rows", a.rows) if a.rows == ap.get_default("rows") else a.rows
@@ -200,31 +225,32 @@ def main() -> None:
             out.unlink(missing_ok=True)
             results.append(run_one(system, data, conf["min_count"], out, a.peers_venv / "bin" / "python",
                                    a.threads, a.timeout, conf["train_limit"]))
-        record = {"setting": setting, "date": date, "cpu": cpu_line(), "threads": a.threads, "rows": rows,
+        record = {"setting": setting, "date": date, "cpu": cpu_line(), "cpu_flags": cpu_flags(), "cpu_kind": kind,
+                  "threads": a.threads, "rows": rows,
                   "min_count": conf["min_count"], "tail": conf["tail"], "train_limit": conf["train_limit"],
                   "gemm": gemm,
                   "command": "python " + " ".join(sys.argv), "results": results}
-        res_path = ROOT / "benchmarks" / "results" / f"{setting}.json"
+        res_path = ROOT / "benchmarks" / "results" / f"{setting}-{kind}.json"
         res_path.parent.mkdir(parents=True, exist_ok=True)
         res_path.write_text(json.dumps(record, indent=2) + "\n")
-        history = res_path.parent / "history" / f"{setting}-{time.strftime('%Y%m%d-%H%M%S')}.json"
+        history = res_path.parent / "history" / f"{setting}-{kind}-{time.strftime('%Y%m%d-%H%M%S')}.json"
         history.parent.mkdir(exist_ok=True)  # every run kept: timings on a shared VM vary run to run
         history.write_text(json.dumps(record, indent=2) + "\n")
         block = (f"Setting **{setting}** ({rows:,} synthetic rows: 10/12 train, 1/12 valid, 1/12 test; "
                  f"min-count {record['min_count']}, tail {record['tail']}"
                  + (f"; training on the first {conf['train_limit']:,} rows, so the AUC is not comparable"
                     if conf["train_limit"] else "")
-                 + f"), {date}, {record['cpu']}, "
+                 + f"), {date}, {record['cpu']} (flags: {' '.join(record['cpu_flags']) or 'none of those below'}), "
                  f"{a.threads} threads. GEMM (benchmarks/gemm.py, MLP shapes, batch 4096): fp32 "
                  f"{gemm['fp32_gflops']} GFLOP/s -> limit {gemm['fp32_limit_samples_per_s']:,} samples/s; bf16 "
                  f"{gemm['bf16_gflops']} GFLOP/s -> limit {gemm['bf16_limit_samples_per_s']:,} samples/s, "
                  "measured at the start of the run; each deepfm process measures it again right after its "
                  "training (`gemm_after_train`), and its fraction of the limit uses that.\n"
-                 f"Command: `{record['command']}` (raw results: benchmarks/results/{setting}.json)\n\n"
+                 f"Command: `{record['command']}` (raw results: benchmarks/results/{res_path.name})\n\n"
                  + table(results) + "\n\n" + ratios(results, gemm))
         print(block, flush=True)
         if not a.no_docs:
-            write_docs(setting, block)
+            write_docs(setting, block, kind)
 
 
 if __name__ == "__main__":
