@@ -182,7 +182,11 @@ def test_cli_weights_groups_time_split_and_evaluate(tmp_path):
     m = json.loads((out / "metrics.json").read_text())
     assert m["test"]["rows"] == 600 and m["valid"]["rows"] == 600
     assert {"ne", "gauc", "gauc_groups", "weight_sum"} <= set(m["test"])
-    assert json.loads((out / "training.json").read_text())["train"]["weight_column"] == "w"
+    training = json.loads((out / "training.json").read_text())
+    assert training["train"]["weight_column"] == "w"
+    h = training["history"][-1]  # what early stopping saw: the weighted validation metrics
+    assert h["valid_weight_sum"] == pytest.approx(m["valid"]["weight_sum"])
+    assert h["valid_auc"] == pytest.approx(m["valid"]["auc"], abs=1e-9)
     # evaluate on the test rows: the bundle's weight column by default, GAUC on request; = scikit-learn
     test = df.iloc[np.argsort(df["ts"].to_numpy(), kind="stable")[-600:]]
     test.to_csv(tmp_path / "test.csv", index=False)

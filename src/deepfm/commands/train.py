@@ -155,7 +155,7 @@ def train_command(fmt, train_path, valid_path, valid_fraction, test_path, schema
         return
     for part, m in result["metrics"].items():
         auc = f"{m['auc']:.4f}" if m["auc"] == m["auc"] else "undefined (one class)"
-        extra = "".join(f"  {k.upper()} {m[k]:.4f}" for k in ("ne", "gauc") if k in m)
+        extra = "".join(f"  {k.upper()} {m[k]:.4f}" for k in ("ne", "gauc") if m.get(k, float("nan")) == m.get(k))
         click.echo(f"{part}: AUC {auc}  logloss {m['logloss']:.4f}{extra}  calibration "
                    f"{m['calibration']:.3f}  rows {m['rows']:,}" + ("  (weighted)" if "weight_sum" in m else ""))
     click.echo(f"bundle written to {out}")
