@@ -138,3 +138,24 @@ def test_auto_on_this_machine_is_recorded_in_training_json(synth_small, tmp_path
     assert rec["ratio"] > 0 and rec["fp32_ms"] > 0 and rec["bf16_ms"] > 0 and rec["shapes"]
     assert (rec["chosen"] == "bf16") == (rec["ratio"] >= precision.AUTO_MIN_RATIO)
     print(f"auto on {rec['cpu']} {rec['flags']}: {rec['chosen']} (ratio {rec['ratio']})")
+
+
+def test_bf16_validation_scoring_only_where_parity_holds(monkeypatch):
+    from deepfm.train import trainer as tr_mod
+    from deepfm.train.trainer import predict_logits
+
+    enc, fields = _data(3000)
+    torch.manual_seed(0)
+    model = CTRModel(fields, ModelConfig(embed_dim=4, hidden=[32], dropout=0.2))
+    cfg = TrainConfig(epochs=1, batch_size=256, precision="bf16", prefetch=False)
+    tr = Trainer(model, cfg, Batcher(enc, fields), np.arange(2000), Batcher(enc, fields), np.arange(2000, 3000),
+                 progress=False)
+    tr.fit()
+    rows = np.arange(2000, 3000)
+    fp32 = predict_logits(model, Batcher(enc, fields), rows)
+    got = tr._valid_logits(rows)
+    assert tr._valid_precision_logged is True and not np.array_equal(got, fp32)  # bf16: close, not equal
+    assert np.abs(got - fp32).max() < 0.05
+    monkeypatch.setattr(tr_mod, "PARITY_MAX_DP", -1.0)  # parity "fails": fp32 scores
+    np.testing.assert_array_equal(tr._valid_logits(rows), fp32)
+    assert tr._valid_precision_logged is False

@@ -32,7 +32,7 @@ from deepfm.train import distributed as dist
 from deepfm.train.callbacks import Callback, OnEpoch
 from deepfm.train.checkpoint import CheckpointCallback, Checkpointer
 from deepfm.train.early_stopping import EarlyStopping, monitored  # noqa: F401 (re-exported)
-from deepfm.train.metrics import evaluate
+from deepfm.train.metrics import auc, evaluate
 from deepfm.train.state import BatchSource, Position, RandomState, Shuffler, Stateful
 from deepfm.train.updater import Updater
 from deepfm.utils import available_cores, set_threads, sigmoid  # noqa: F401 (re-exported)
@@ -261,6 +261,8 @@ class Prefetcher:
 
 
 AUTO_SPARSE_ROWS = 1_000_000
+# bf16 validation scoring (Trainer._valid_logits) only where it agrees with fp32 on the first rows
+PARITY_ROWS, PARITY_MAX_DP, PARITY_MAX_AUC = 10_000, 2e-3, 5e-4
 
 
 def uses_sparse_update(model: CTRModel, mode: str) -> bool:
@@ -362,6 +364,7 @@ class Trainer:
         self.evals = resolve_evals_per_epoch(cfg.evals_per_epoch, self.n_rows) if valid is not None else 1
         self.validate_first = False
         self._auc_warned = False
+        self._valid_precision_logged: bool | None = None
 
     # ------------------------------------------------------------------ state
     def components(self) -> dict[str, Stateful]:
@@ -515,7 +518,7 @@ class Trainer:
             for i, part in enumerate(parts):
                 logits[i::self.ranks] = part
         else:
-            logits = predict_logits(model, valid, vrows, cfg.eval_batch_size)
+            logits = self._valid_logits(vrows)
         labels = valid.labels()
         assert labels is not None
         weights = getattr(valid, "weights", lambda: None)()  # weighted validation: weighted early stopping
@@ -537,6 +540,33 @@ class Trainer:
                 _log(f"no gain for {_validations(cfg.patience)}: back to the best weights, learning rate "
                      f"divided by 10 (now {self.updater.lr:g})", console=self.progress)
         return m, d.stop
+
+    def _valid_logits(self, rows: np.ndarray | None) -> np.ndarray:
+        """Validation logits; in bf16 (about 3x faster on a CPU with AMX) when training runs in bf16 and the
+        first PARITY_ROWS validation rows, scored both ways, agree within the parity targets (max |dp|
+        <= PARITY_MAX_DP, AUC difference <= PARITY_MAX_AUC), else in fp32. The final metrics
+        (pipeline.score) stay fp32."""
+        model, valid, bs = self.model, self.valid, self.cfg.eval_batch_size
+        assert valid is not None
+        if self.precision.chosen != "bf16":
+            return predict_logits(model, valid, rows, bs)
+        n = valid.rows if rows is None else len(rows)
+        head = np.arange(min(n, PARITY_ROWS)) if rows is None else rows[:PARITY_ROWS]
+        ref = sigmoid(predict_logits(model, valid, head, bs))
+        with autocast("bf16"):
+            logits = predict_logits(model, valid, rows, bs)
+        p = sigmoid(logits[: len(head)])
+        dp = float(np.abs(p - ref).max()) if len(head) else 0.0
+        labels = valid.labels()
+        y = np.asarray(labels)[head] if labels is not None else None
+        d_auc = abs(auc(y, p) - auc(y, ref)) if y is not None and 0 < y.sum() < len(y) else 0.0
+        ok = dp <= PARITY_MAX_DP and d_auc <= PARITY_MAX_AUC
+        if self.lead and self._valid_precision_logged != ok:
+            self._valid_precision_logged = ok
+            _log(f"validation scored in {'bf16' if ok else 'fp32'}: on {len(head):,} rows bf16 against fp32 max "
+                 f"|dp| {dp:.2g}, AUC difference {d_auc:.2g} (limits {PARITY_MAX_DP:g}, {PARITY_MAX_AUC:g})",
+                 console=self.progress)
+        return logits if ok else predict_logits(model, valid, rows, bs)
 
     def _end_epoch(self, rec: dict[str, Any], stop: bool) -> None:
         cfg, pos = self.cfg, self.position
