@@ -31,8 +31,9 @@ def init_from_env() -> bool:
     if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
         return False
     if not dist.is_initialized():
-        backend = "nccl" if torch.cuda.is_available() else "gloo"
-        dist.init_process_group(backend, timeout=datetime.timedelta(seconds=int(os.environ.get(
+        # The model and batches live on the CPU (there is no device path yet, issue 19): NCCL would be handed
+        # CPU tensors, so gloo even where CUDA is present.
+        dist.init_process_group("gloo", timeout=datetime.timedelta(seconds=int(os.environ.get(
             "DEEPFM_DIST_TIMEOUT", "600"))))
     return True
 
