@@ -27,6 +27,7 @@ from deepfm.errors import DataError, DeepFMError
 from deepfm.schema import Schema
 from deepfm.serve import bundle as bundle_mod
 from deepfm.serve.predictor import Predictor
+from deepfm.train.callbacks import tracking
 
 try:  # scikit-learn is optional: without it the estimator keeps the same methods
     from sklearn.base import BaseEstimator, ClassifierMixin
@@ -108,6 +109,8 @@ class DeepFMClassifier(ClassifierMixin, BaseEstimator):
 
     Parameters mirror ``deepfm train``: ``preset`` names a config (``default``, ``paper``, ``bars``),
     ``overrides`` are ``section.key=value`` strings, and explicit arguments win over both.
+    ``tensorboard_dir``: write TensorBoard scalars there (as ``deepfm train --tensorboard``); ``mlflow``: log
+    each fit as an MLflow run (or into the caller's active run). Each needs its package (``deepfm[tracking]``).
 
     Fitted attributes: ``classes_`` (the two labels of y, sorted; ``classes_[1]`` is the positive class),
     ``n_features_in_``, ``feature_names_in_`` (when X has column names), ``history_`` (one dict per
@@ -123,7 +126,8 @@ class DeepFMClassifier(ClassifierMixin, BaseEstimator):
     def __init__(self, model: str = "deepfm", preset: str = "default", schema: Schema | str | None = None,
                  epochs: int | None = None, batch_size: int | None = None, lr: float | None = None,
                  seed: int = 2017, valid_fraction: float = 0.1, threads: int = 0, min_count: int | None = None,
-                 overrides: tuple[str, ...] = (), verbose: bool = False) -> None:
+                 overrides: tuple[str, ...] = (), verbose: bool = False, tensorboard_dir: str | None = None,
+                 mlflow: bool = False) -> None:
         self.model = model
         self.preset = preset
         self.schema = schema
@@ -136,6 +140,8 @@ class DeepFMClassifier(ClassifierMixin, BaseEstimator):
         self.min_count = min_count
         self.overrides = overrides
         self.verbose = verbose
+        self.tensorboard_dir = tensorboard_dir
+        self.mlflow = mlflow
 
     # scikit-learn protocol
     def get_params(self, deep: bool = True) -> dict[str, Any]:
@@ -213,7 +219,9 @@ class DeepFMClassifier(ClassifierMixin, BaseEstimator):
             pre = Preprocessor(schema).fit(fit_on)
             enc = side.from_arrays(pre.transform(data), sample_weight)
             prep = pipeline.Prepared(pre, enc, tr, enc, va, {"rows": data.rows})
-        self.model_, result = pipeline.train(prep, model_cfg, train_cfg, progress=self.verbose)
+        trackers = tracking(self.tensorboard_dir, bool(self.mlflow), extra_params={"data.rows": data.rows})
+        self.model_, result = pipeline.train(prep, model_cfg, train_cfg, progress=self.verbose,
+                                             callbacks=tuple(trackers))
         self.preprocessor_ = pre
         self.training_ = result["training"]
         self.metrics_ = result["metrics"]

@@ -43,6 +43,7 @@ from deepfm.models.ctr import MODELS, CTRModel, ModelConfig
 from deepfm.schema import Schema
 from deepfm.serve import bundle as bundle_mod
 from deepfm.train import distributed as dist
+from deepfm.train.callbacks import Callback, closing
 from deepfm.train.checkpoint import Checkpointer, disk_error, fingerprint
 from deepfm.train.metrics import evaluate
 from deepfm.train.trainer import TrainConfig, fit, log_to, predict_logits, seed_everything, sigmoid
@@ -493,21 +494,24 @@ def train(
     resume: bool = False,
     init_from: bundle_mod.Bundle | None = None,
     force: bool = False,
+    callbacks: tuple[Callback, ...] = (),
 ) -> tuple[CTRModel, dict[str, Any]]:
     """Train on prepared data; with ``out_dir``, write checkpoints (``out_dir/checkpoints``), metrics.jsonl
     and the bundle there. resume: continue from the newest checkpoint in ``out_dir`` (see train.checkpoint).
     ``out_dir`` is locked for the whole run (a second run to it is refused), and an existing folder there must
-    be a bundle or a training run's folder, else a DeepFMError (``force``: replace it anyway)."""
+    be a bundle or a training run's folder, else a DeepFMError (``force``: replace it anyway). ``callbacks``:
+    trainer hooks (e.g. ``train.callbacks.tracking``), told the final metrics and bundle, closed at the end."""
     args = (prepared, model_cfg, train_cfg, out_dir, data_format, test, progress, extra_info, resume, init_from,
-            force)
-    if out_dir is None or dist.rank() != 0:  # rank 0 alone writes (checkpoints, bundle)
-        return _train(*args)
-    out = Path(out_dir)
-    with outputs.locked(out):
-        if not outputs.check_dir_out(out, ("bundle", "train-run"), force=force) or not any(out.iterdir()):
-            out.mkdir(parents=True, exist_ok=True)
-            outputs.mark(out, "train-run")  # a rerun (or --resume) recognises the folder as its own
-        return _train(*args)
+            force, tuple(callbacks))
+    with closing(callbacks):  # a tracking run ends (FAILED on an error) however training ends
+        if out_dir is None or dist.rank() != 0:  # rank 0 alone writes (checkpoints, bundle)
+            return _train(*args)
+        out = Path(out_dir)
+        with outputs.locked(out):
+            if not outputs.check_dir_out(out, ("bundle", "train-run"), force=force) or not any(out.iterdir()):
+                out.mkdir(parents=True, exist_ok=True)
+                outputs.mark(out, "train-run")  # a rerun (or --resume) recognises the folder as its own
+            return _train(*args)
 
 
 def _train(
@@ -522,6 +526,7 @@ def _train(
     resume: bool,
     init_from: bundle_mod.Bundle | None,
     force: bool,
+    callbacks: tuple[Callback, ...] = (),
 ) -> tuple[CTRModel, dict[str, Any]]:
     seed_everything(train_cfg.seed)
     fields = prepared.fields
@@ -560,7 +565,7 @@ def _train(
         history = fit(model, batcher(prepared.train, fields), train_cfg, prepared.train_rows,
                       batcher(prepared.valid, fields) if prepared.valid is not None else None,
                       prepared.valid_rows, log_path, progress, None, checkpoints, resume,
-                      validate_first=started is not None)
+                      validate_first=started is not None, callbacks=callbacks)
     if dist.rank() != 0:  # rank 0 scores and writes the bundle; the other ranks are done
         return model, {"metrics": {}, "training": {}}
     metrics: dict[str, Any] = {}
@@ -592,4 +597,6 @@ def _train(
             shutil.move(str(log_path), str(out / "metrics.jsonl"))  # not checksummed: an appendable log
         if run_log is not None:
             run_log.unlink(missing_ok=True)  # now in the bundle
+    for cb in callbacks:
+        cb.on_run_end(metrics, out)
     return model, {"metrics": metrics, "training": training}

@@ -73,6 +73,16 @@ from deepfm.errors import DeepFMError
 @click.option("--valid-from", metavar="VALUE", help="--split time: rows from this time value on are validation "
                                                    "(instead of the latest --valid-fraction).")
 @click.option("--test-from", metavar="VALUE", help="--split time: rows from this time value on are the test split.")
+@click.option("--tensorboard", "tensorboard_dir", type=click.Path(file_okay=False), metavar="DIR",
+              help="Write TensorBoard scalars to DIR: the training loss every --tensorboard-every steps, the "
+                   "validation metrics (AUC, logloss, monitored value) and the learning rate at each validation, "
+                   "the test metrics at the end (needs the tensorboard package).")
+@click.option("--tensorboard-every", type=click.IntRange(min=1), default=50, show_default=True,
+              help="Steps between training-loss scalars in --tensorboard.")
+@click.option("--mlflow/--no-mlflow", "use_mlflow", default=None,
+              help="Log the run to MLflow: the resolved config as params, the validation metrics, the final "
+                   "test metrics and the bundle path (tag deepfm.bundle); needs the mlflow package. Default: on "
+                   "when MLFLOW_TRACKING_URI is set.")
 @click.option("--quiet", is_flag=True, help="No progress bars.")
 @click.option("--force", is_flag=True, help="Replace --out even if it is a folder that is not a deepfm bundle "
                                             "(its files are deleted).")
@@ -81,7 +91,8 @@ from deepfm.errors import DeepFMError
 def train_command(fmt, train_path, valid_path, valid_fraction, test_path, schema_path, out, model, preset, overrides,
           epochs, batch_size, lr, seed, threads, embedding_update, precision, min_count, on_bad_rows, cache_dir,
           no_cache, streaming, shard_rows, init_from, nproc, checkpoint_every, resume, quiet, force, weight_column=None,
-          group_column=None, split="random", test_fraction=0.0, valid_from=None, test_from=None) -> None:
+          group_column=None, split="random", test_fraction=0.0, valid_from=None, test_from=None, tensorboard_dir=None,
+          tensorboard_every=50, use_mlflow=None) -> None:
     """Train a model and write a bundle.
 
     \b
@@ -94,6 +105,7 @@ def train_command(fmt, train_path, valid_path, valid_fraction, test_path, schema
     """
     from deepfm import pipeline
     from deepfm.train import distributed as dist
+    from deepfm.train.callbacks import tracking
 
     # before any work: never replace a folder that is not ours, or that holds this run's data
     outputs.check_dir_out(out, ("bundle", "train-run"), force=force,
@@ -111,6 +123,9 @@ def train_command(fmt, train_path, valid_path, valid_fraction, test_path, schema
     fmt = input_format(fmt, schema_path, train_path)
     ranked = dist.init_from_env()
     lead = dist.rank() == 0
+    # before reading data: a missing tensorboard/mlflow package is an error now, not after the preprocessing
+    trackers = tracking(tensorboard_dir, use_mlflow, tensorboard_every,
+                        {"data.train": train_path, "data.format": fmt, "preset": preset}) if lead else []
     batch_size = batch_size_option(batch_size)
     model_cfg, train_cfg = pipeline.resolve_config(preset, list(overrides), model=model, epochs=epochs,
                                                    batch_size=batch_size, lr=lr, seed=seed, threads=threads,
@@ -150,7 +165,7 @@ def train_command(fmt, train_path, valid_path, valid_fraction, test_path, schema
                 else pipeline.encode_file(test_path, fmt, prep.pre, on_bad_rows, side=side))
     _, result = pipeline.train(prep, model_cfg, train_cfg, out, fmt, test, progress=not quiet,
                                extra_info={"preset": preset, "overrides": list(overrides)}, resume=resume,
-                               init_from=parent, force=force)
+                               init_from=parent, force=force, callbacks=tuple(trackers))
     if not lead:
         return
     for part, m in result["metrics"].items():

@@ -361,6 +361,7 @@ class Trainer:
         device = next(model.parameters()).device.type
         self.precision = precision.decide(cfg.precision, model, self.rank_batch, device)  # "auto" resolved
         self.every = next((cb.every for cb in self.callbacks if cb.every), 0)  # steps between save points
+        self.step_callbacks = [cb for cb in self.callbacks if cb.log_every] if self.lead else []
         self.evals = resolve_evals_per_epoch(cfg.evals_per_epoch, self.n_rows) if valid is not None else 1
         self.validate_first = False
         self._auc_warned = False
@@ -497,6 +498,9 @@ class Trainer:
             pos.seen += len(y)
             pos.step += 1
             pos.global_step += 1
+            for cb in self.step_callbacks:
+                if pos.global_step % cb.log_every == 0:
+                    cb.on_step(self, loss_value)
             if self.progress and (pos.step % 20 == 0 or pos.step == steps_per_epoch):
                 bar.update(min(perm.size, pos.step * rank_batch) - bar.n)
                 bar.set_postfix(loss=f"{pos.loss_sum / pos.seen:.4f}")
@@ -539,6 +543,9 @@ class Trainer:
             if self.lead:
                 _log(f"no gain for {_validations(cfg.patience)}: back to the best weights, learning rate "
                      f"divided by 10 (now {self.updater.lr:g})", console=self.progress)
+        if self.lead:
+            for cb in self.callbacks:
+                cb.on_validation(self, m)
         return m, d.stop
 
     def _valid_logits(self, rows: np.ndarray | None) -> np.ndarray:
@@ -623,17 +630,19 @@ def fit(
     checkpoints: Checkpointer | None = None,
     resume: bool = False,
     validate_first: bool = False,
+    callbacks: Sequence[Callback] = (),
 ) -> list[dict[str, Any]]:
     """Train ``model`` in place (a ``Trainer``); returns the per-epoch history. With a validation set, keeps
     the weights of the validation with the best monitored metric (``cfg.monitor``).
 
     checkpoints: write a checkpoint every ``checkpoints.every`` steps and at every epoch end; resume: first
-    continue from the newest valid checkpoint there (a resumed run ends bit-identical on CPU)."""
-    callbacks: list[Callback] = []
+    continue from the newest valid checkpoint there (a resumed run ends bit-identical on CPU). ``callbacks``:
+    more hooks (``train.callbacks``), run after the checkpoint's."""
+    hooks: list[Callback] = []
     if checkpoints is not None:
-        callbacks.append(CheckpointCallback(checkpoints, resume))
+        hooks.append(CheckpointCallback(checkpoints, resume))
     if on_epoch is not None:
-        callbacks.append(OnEpoch(on_epoch))
+        hooks.append(OnEpoch(on_epoch))
     trainer = Trainer(model, cfg, train, train_rows, valid, valid_rows, log_path=log_path, progress=progress,
-                      callbacks=callbacks)
+                      callbacks=[*hooks, *callbacks])
     return trainer.fit(validate_first=validate_first)
