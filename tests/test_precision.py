@@ -61,6 +61,18 @@ def test_auto_decision_is_cached_per_cpu_torch_and_shapes(tmp_path, monkeypatch)
     assert precision.decide("auto", _model(), 32, timer=FakeTimer(1.0, 1.0)).chosen == "fp32"
 
 
+def test_a_remembered_decision_is_the_last_one(tmp_path, monkeypatch):
+    # a decision served from the in-process memo must still be what the pipeline records in training.json
+    # (it used to keep an earlier decision, e.g. the wide start's LR with no GEMMs and no ratio)
+    monkeypatch.setenv("DEEPFM_CACHE", str(tmp_path))
+    monkeypatch.setattr(precision, "_memo", {})
+    first = precision.decide("auto", _model(), 32, timer=FakeTimer(3.0, 1.0))
+    lr = CTRModel([FieldSpec("a", "cat", 50, 1)], ModelConfig(model="lr"))
+    precision.decide("auto", lr, 32)
+    assert precision.last_decision().ratio is None
+    assert precision.decide("auto", _model(), 32) is first and precision.last_decision() is first
+
+
 def test_fixed_precisions_and_no_gemm_models_are_not_measured():
     def boom():
         raise AssertionError("measured")

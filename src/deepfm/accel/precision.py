@@ -154,8 +154,8 @@ def decide(requested: str, model: nn.Module, batch: int, device: str = "cpu", *,
         return _remember(Decision(chosen="fp32", reason="no Linear layers: bf16 has no GEMM to speed up", **base))
     key = digest({"cpu": cpu, "flags": flags, "torch": torch.__version__, "threads": threads, "shapes": shapes,
                   "batch": batch, "min_ratio": min_ratio}, 20)
-    if cache and key in _memo:
-        return _memo[key]
+    if cache and key in _memo:  # remembered too: the pipeline records the latest decision
+        return _remember(_memo[key])
     path = _cache_path(key)
     hit = _read_cache(path) if cache else None
     if hit is not None:
