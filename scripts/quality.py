@@ -226,12 +226,19 @@ def main() -> None:
     ap.add_argument("--cache", type=Path, default=Path(tempfile.gettempdir()) / "deepfm-quality" / "runs.jsonl")
     ap.add_argument("--peer-timeout", type=int, default=1800)
     ap.add_argument("--min-count", type=int, default=None, help="every field's min_count (default: the format's)")
+    ap.add_argument("--variant", nargs=2, action="append", default=[], metavar=("NAME", "OVERRIDES"),
+                    help="an extra candidate: the default preset with ';'-separated overrides, e.g. "
+                         "--variant bs1024 'train.batch_size=1024;model.embedding_l2=0.01' (run like --candidates)")
     args = ap.parse_args()
     global MIN_COUNT
     MIN_COUNT = args.min_count
     work = args.cache.parent
-    table = LEVERS if args.levers else CANDIDATES
-    names = list(table) if args.levers and args.candidates == ",".join(CANDIDATES) else args.candidates.split(",")
+    table = {**CANDIDATES, **LEVERS} if args.levers else dict(CANDIDATES)
+    names = list(LEVERS) if args.levers and args.candidates == ",".join(CANDIDATES) else args.candidates.split(",")
+    for vname, vov in args.variant:
+        table[vname] = ("default", [o.strip() for o in vov.split(";") if o.strip()])
+        names = [n for n in names if n != vname] + [vname]
+    names = [n for n in names if n]
     peers = [p for p in args.peers.split(",") if p]
     sets = datasets(work / "data", args.synth_rows, args.sets.split(","))
     if args.synth_1m and "synth" in args.sets.split(","):
@@ -291,9 +298,12 @@ def lever_table(sets: list[dict], names: list[str], results: dict) -> str:
             recs = [r for r in results.get((ds["name"], n), []) if "error" not in r]
             a, sa = stats(recs, "valid", "auc")
             ll, sll = stats(recs, "valid", "logloss")
-            cells.append(f"{a:.4f} ± {sa:.4f} / {ll:.4f}")
+            ta, _ = stats(recs, "test", "auc")
+            tl, _ = stats(recs, "test", "logloss")
+            cells.append(f"{a:.4f} ± {sa:.4f} / {ll:.4f} (test {ta:.4f} / {tl:.4f}, n={len(recs)})")
         lines.append(f"| {ds['name']} | " + " | ".join(cells) + " |")
-    return "Validation AUC (mean ± std) / mean validation logloss\n" + "\n".join(lines)
+    return ("Validation AUC (mean ± std) / mean validation logloss (test AUC / logloss, for information)\n"
+            + "\n".join(lines))
 
 
 def lever_section(cache: dict[str, dict[str, Any]]) -> list[str]:
