@@ -5,7 +5,7 @@ A field is one of
   OOV index), ``hash_buckets`` (no vocabulary: ``hash(value) % buckets``).
 - ``numeric``: one number per row -> ``value x vector`` (one learned vector per field). Options:
   ``transform`` = ``none`` | ``log`` (sign(x) * log1p(|x|)) | ``standardize`` (fitted mean/std) |
-  ``bucketize`` (Criteo-style: x > 2 -> floor(ln(x)^2), else x; the field then becomes categorical and
+  ``bucketize`` (Criteo-style: x > 2 -> floor(ln(x)^2), else floor(x); the field then becomes categorical and
   ``min_count`` applies).
 - ``multi``: a list of tokens in one column, split on ``sep``, truncated to ``max_len``, pooled with
   ``mean`` or ``sum`` into one field embedding.
