@@ -19,6 +19,7 @@ candidates (LEVERS below) instead of writing the doc: the choice of defaults is 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import platform
@@ -36,6 +37,7 @@ from datasets import datasets  # noqa: E402
 
 from deepfm import outputs, pipeline  # noqa: E402
 from deepfm.data import readers  # noqa: E402
+from deepfm.utils import digest  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 PEER_PY = REPO / "benchmarks" / ".peers-venv" / "bin" / "python"
@@ -59,7 +61,8 @@ def opts(base: list[str], *extra: str) -> list[str]:
 # on top of the default preset, so that a later change of the preset does not change what a lever means.
 # OLD = the default preset before issue 15 (batch norm on at every size, no wide start).
 OLD = ["train.evals_per_epoch=1", "model.init_std=1.0e-4", "model.embedding_l2=1.0e-3", "model.batch_norm=true",
-       "train.wide_start=false", "train.wide_lr_scale=1.0"]
+       "train.wide_start=false", "train.wide_lr_scale=1.0", "model.embed_dim=10", "model.hidden=[400,400,400]",
+       "model.net_l2=0.0", "train.reduce_lr_on_plateau=false"]
 NOBN = opts(OLD, "model.batch_norm=false")
 LEVERS: dict[str, tuple[str, list[str]]] = {
     "old-default": ("default", OLD),
@@ -94,6 +97,17 @@ NAMES = {"default": "deepfm default", "paper": "deepfm paper", "lr": "LR", "fm":
 
 def key_of(ds: str, name: str, preset: str, overrides: list[str], seed: int, extra: str = "") -> str:
     return json.dumps([ds, name, preset, sorted(overrides), seed, extra])
+
+
+def config_digest(preset: str, overrides: list[str]) -> str:
+    """What a deepfm run trains, resolved (preset file + overrides): the cache key, so that a run is reused
+    by every candidate with the same configuration and redone when a preset file changes."""
+    m, t = pipeline.resolve_config(preset, overrides)
+    return digest({"model": dataclasses.asdict(m), "train": dataclasses.asdict(t)})
+
+
+def deepfm_key(ds: str, preset: str, overrides: list[str], seed: int) -> str:
+    return json.dumps([ds, "deepfm-config", config_digest(preset, overrides), seed])
 
 
 def load_cache(path: Path) -> dict[str, dict[str, Any]]:
@@ -258,7 +272,7 @@ def main() -> None:
                     k = key_of(tag, name, "peer", [], seed)
                 else:
                     preset, ov = table[name]
-                    k = key_of(tag, name, preset, ov, seed)
+                    k = deepfm_key(tag, preset, ov, seed)
                 if k not in cache:
                     if name in peers:
                         if not PEER_PY.exists():
@@ -268,6 +282,8 @@ def main() -> None:
                     else:
                         rec = run_deepfm(ds, preset, ov, seed, args.threads)
                     rec = {"key": k, "set": ds["name"], "name": name, "seed": seed, **rec}
+                    if name not in peers:
+                        rec["preset"], rec["overrides"] = table[name]
                     append_cache(args.cache, rec)
                     cache[k] = rec
                 rec = cache[k]
@@ -310,11 +326,12 @@ def lever_section(cache: dict[str, dict[str, Any]]) -> list[str]:
     """The lever runs found in the cache (``--levers``): validation AUC / logloss (what the choice was made on)
     and, for information only, test AUC, mean over the seeds run."""
     groups: dict[tuple[str, str], list[dict[str, Any]]] = {}
+    keys = {name: config_digest(*LEVERS[name]) for name in LEVERS}
     for k, rec in cache.items():
-        ds, name, preset, ov = json.loads(k)[:4]
-        if "error" not in rec and ":" not in ds and name in LEVERS and \
-                (preset, ov) == (LEVERS[name][0], sorted(LEVERS[name][1])):
-            groups.setdefault((ds, name), []).append(rec)
+        ds, kind, dig = json.loads(k)[:3]
+        if "error" not in rec and ":" not in ds and kind == "deepfm-config":
+            for name in (n for n, d in keys.items() if d == dig):  # every lever with this configuration
+                groups.setdefault((ds, name), []).append(rec)
     if not groups:
         return []
     order = ["criteo", "avazu", "frappe", "movielens", "ipinyou"]

@@ -8,8 +8,6 @@ the :class:`Encoded` store. The server encodes single rows with the same encoder
 
 from __future__ import annotations
 
-import hashlib
-import json
 from dataclasses import dataclass
 from typing import Any
 
@@ -32,6 +30,7 @@ from deepfm.data.encoders import (  # noqa: F401 (FNV_*, fnv1a64, hash_collision
 from deepfm.data.readers import ReadResult, parallel_map
 from deepfm.errors import DataError
 from deepfm.schema import Field, Schema, from_dict
+from deepfm.utils import digest
 
 # the names data.shards imports (the column path's tokens now live with their encoders)
 _bucket_tokens = bucket_tokens
@@ -166,4 +165,4 @@ class Preprocessor:
         return cls(from_dict(d["schema"], source="preprocessor"), d["states"])
 
     def fingerprint(self) -> str:
-        return hashlib.sha256(json.dumps(self.to_dict(), sort_keys=True).encode()).hexdigest()[:16]
+        return digest(self.to_dict(), 16)

@@ -32,6 +32,7 @@ from safetensors.torch import load_file, save_file
 from deepfm import outputs
 from deepfm.errors import DeepFMError
 from deepfm.train.callbacks import Callback
+from deepfm.utils import digest
 
 if TYPE_CHECKING:
     from deepfm.train.trainer import Trainer
@@ -66,6 +67,7 @@ class Checkpointer:
         shared = _shared(tensors)
         tensors = {k: v.detach().contiguous().clone() if v.data_ptr() in shared else v.detach().contiguous()
                    for k, v in tensors.items()}
+        tensors = {k: v.cpu() for k, v in tensors.items()}  # device-free (a GPU run's state); no copy on CPU
         reserved = {"format", "format_version", "fingerprint", "sha256", "meta_sha256"} & set(tree)
         if reserved:
             raise ValueError(f"checkpoint component names {sorted(reserved)} are reserved")
@@ -234,10 +236,9 @@ def _sha256(path: Path) -> str:
 
 def _meta_sha256(meta: dict[str, Any]) -> str:
     """sha256 of state.json's content without its own checksum (canonical JSON: key order does not matter)."""
-    rest = {k: v for k, v in meta.items() if k != "meta_sha256"}
-    return hashlib.sha256(json.dumps(rest, sort_keys=True).encode()).hexdigest()
+    return digest({k: v for k, v in meta.items() if k != "meta_sha256"})
 
 
 def fingerprint(*parts: Any) -> str:
     """A short hash of JSON-able parts (configs, data identity)."""
-    return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()[:16]
+    return digest(list(parts), 16)
