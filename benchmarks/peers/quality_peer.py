@@ -1,6 +1,6 @@
 """Peer side of the quality harness (scripts/quality.py): one peer library's DeepFM, with that library's own
 documented defaults, trained on already-encoded features, scored on test. Run with the peers venv
-(benchmarks/peers/setup_peers.sh; torch-rechub: ``benchmarks/.peers-venv/bin/pip install torch-rechub``)::
+(benchmarks/peers/setup_peers.sh, which installs torch-rechub too)::
 
     benchmarks/.peers-venv/bin/python benchmarks/peers/quality_peer.py --system torchfm --data enc.npz --out r.json
 

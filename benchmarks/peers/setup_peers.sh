@@ -18,13 +18,14 @@ TORCH_VERSION="2.13.0"
 DEEPCTR_VERSION="0.3.0"
 TORCHFM_VERSION="0.7.0"
 FUXICTR_VERSION="2.3.10"
+RECHUB_VERSION="0.9.0"
 
 check() {
-    "$venv/bin/python" - "$TORCH_VERSION" "$DEEPCTR_VERSION" "$TORCHFM_VERSION" "$FUXICTR_VERSION" <<'PY'
+    "$venv/bin/python" - "$TORCH_VERSION" "$DEEPCTR_VERSION" "$TORCHFM_VERSION" "$FUXICTR_VERSION" "$RECHUB_VERSION" <<'PY'
 import sys
 from importlib.metadata import version
 
-want = dict(zip(["torch", "deepctr-torch", "torchfm", "fuxictr"], sys.argv[1:]))
+want = dict(zip(["torch", "deepctr-torch", "torchfm", "fuxictr", "torch-rechub"], sys.argv[1:]))
 for dist, ver in want.items():
     got = version(dist)
     if got.split("+")[0] != ver:
@@ -33,6 +34,7 @@ import deepctr_torch.models  # noqa: E402,F401
 import fuxictr.pytorch.layers  # noqa: E402,F401
 import fuxictr.preprocess  # noqa: E402,F401
 import torchfm.model.dfm  # noqa: E402,F401
+import torch_rechub.models.ranking  # noqa: E402,F401
 if int(version("polars").split(".")[0]) >= 2:
     sys.exit("polars>=2 breaks fuxictr 2.3.10 (scan_csv(dtypes=...))")
 print("peers venv ok:", {d: version(d) for d in want})
@@ -58,6 +60,7 @@ echo "torch==$TORCH_VERSION" > "$constraints"
     numpy pandas scikit-learn tqdm "polars<2" \
     "deepctr-torch==$DEEPCTR_VERSION" \
     "torchfm==$TORCHFM_VERSION" \
-    "fuxictr==$FUXICTR_VERSION"
+    "fuxictr==$FUXICTR_VERSION" \
+    "torch-rechub==$RECHUB_VERSION"
 
 check
