@@ -145,13 +145,14 @@ OPTION_CHECKS: dict[str, dict[str, Any]] = {
               "embedding_update": _choice("dense", "sparse", "auto"), "precision": _choice("fp32", "bf16", "auto"),
               "prefetch": _choice(True, False, "auto"), "checkpoint_every": _int(0), "keep_checkpoints": _int(1),
               "evals_per_epoch": _batch_size,  # also a positive integer or 'auto'
+              "negative_rate": _float(0.0, lo_open=True, hi=1.0), "calibrate": _choice("none", "platt", "isotonic"),
               "wide_lr_scale": _float(0.0, lo_open=True), "wide_start": _choice(True, False, "auto"),
               "weight_column": _column},
 
 }
 # YAML 1.1 reads 1e-3 (no dot) as a string: such numbers are taken as floats where a float is expected
 _FLOATS = {("model", "dropout"), ("model", "embedding_l2"), ("model", "net_l2"), ("model", "init_std"),
-           ("train", "lr")}
+           ("train", "lr"), ("train", "negative_rate")}
 
 
 def check_options(section: str, options: dict[str, Any]) -> dict[str, Any]:

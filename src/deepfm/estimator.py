@@ -111,6 +111,9 @@ class DeepFMClassifier(ClassifierMixin, BaseEstimator):
     ``overrides`` are ``section.key=value`` strings, and explicit arguments win over both.
     ``tensorboard_dir``: write TensorBoard scalars there (as ``deepfm train --tensorboard``); ``mlflow``: log
     each fit as an MLflow run (or into the caller's active run). Each needs its package (``deepfm[tracking]``).
+    ``calibrate`` (none, platt, isotonic) and ``negative_rate`` (0 < q <= 1) as ``deepfm train --calibrate``
+    / ``--negative-rate`` (None: the preset's, none and 1): ``predict_proba`` serves the corrected, calibrated
+    probabilities, as the saved bundle does.
 
     Fitted attributes: ``classes_`` (the two labels of y, sorted; ``classes_[1]`` is the positive class),
     ``n_features_in_``, ``feature_names_in_`` (when X has column names), ``history_`` (one dict per
@@ -127,7 +130,7 @@ class DeepFMClassifier(ClassifierMixin, BaseEstimator):
                  epochs: int | None = None, batch_size: int | None = None, lr: float | None = None,
                  seed: int = 2017, valid_fraction: float = 0.1, threads: int = 0, min_count: int | None = None,
                  overrides: tuple[str, ...] = (), verbose: bool = False, tensorboard_dir: str | None = None,
-                 mlflow: bool = False) -> None:
+                 mlflow: bool = False, calibrate: str | None = None, negative_rate: float | None = None) -> None:
         self.model = model
         self.preset = preset
         self.schema = schema
@@ -142,6 +145,8 @@ class DeepFMClassifier(ClassifierMixin, BaseEstimator):
         self.verbose = verbose
         self.tensorboard_dir = tensorboard_dir
         self.mlflow = mlflow
+        self.calibrate = calibrate
+        self.negative_rate = negative_rate
 
     # scikit-learn protocol
     def get_params(self, deep: bool = True) -> dict[str, Any]:
@@ -204,7 +209,8 @@ class DeepFMClassifier(ClassifierMixin, BaseEstimator):
         data = readers.from_arrow(table, schema, self._binary(y), source="X")
         model_cfg, train_cfg = pipeline.resolve_config(self.preset, list(self.overrides), model=self.model,
                                                        epochs=self.epochs, batch_size=self.batch_size, lr=self.lr,
-                                                       seed=self.seed, threads=self.threads)
+                                                       seed=self.seed, threads=self.threads,
+                                                       calibrate=self.calibrate, negative_rate=self.negative_rate)
         if eval_set is not None:
             pre = Preprocessor(schema).fit(data)
             xv = to_arrow(eval_set[0])
@@ -226,8 +232,9 @@ class DeepFMClassifier(ClassifierMixin, BaseEstimator):
         self.training_ = result["training"]
         self.metrics_ = result["metrics"]
         self.history_ = list(self.training_.get("history", []))
-        self.predictor_ = Predictor(bundle_mod.Bundle(self.model_, pre, None, self.training_, self.metrics_, {}),
-                                    threads=self.threads)
+        self.postprocess_ = result["postprocess"]
+        self.predictor_ = Predictor(bundle_mod.Bundle(self.model_, pre, None, self.training_, self.metrics_, {},
+                                                      postprocess=self.postprocess_), threads=self.threads)
         return self
 
     # Pickling (joblib, GridSearchCV with n_jobs) keeps the fitted model and preprocessing and rebuilds the
@@ -241,7 +248,13 @@ class DeepFMClassifier(ClassifierMixin, BaseEstimator):
         self.__dict__.update(state)
         if "model_" in state:
             self.predictor_ = Predictor(bundle_mod.Bundle(self.model_, self.preprocessor_, None, self.training_,
-                                                          self.metrics_, {}), threads=self.threads)
+                                                          self.metrics_, {}, postprocess=self._postprocess()),
+                                        threads=self.threads)
+
+    def _postprocess(self) -> Any:
+        from deepfm.calibration import PostProcess
+
+        return getattr(self, "postprocess_", None) or PostProcess()
 
     def _binary(self, y: np.ndarray) -> np.ndarray:
         """Labels -> 0/1 float (1 = ``classes_[1]``); a label outside ``classes_`` is an error."""
@@ -286,7 +299,8 @@ class DeepFMClassifier(ClassifierMixin, BaseEstimator):
             fitted["feature_names_in"] = self.feature_names_in_.tolist()
         training = {**self.training_, "estimator_fitted": fitted,
                     "estimator_params": {k: v for k, v in self.get_params().items() if not isinstance(v, Schema)}}
-        return bundle_mod.save(path, self.model_, self.preprocessor_, None, training, self.metrics_)
+        return bundle_mod.save(path, self.model_, self.preprocessor_, None, training, self.metrics_,
+                               postprocess=self._postprocess())
 
     @classmethod
     def load(cls, path: str | Path) -> DeepFMClassifier:
@@ -294,6 +308,7 @@ class DeepFMClassifier(ClassifierMixin, BaseEstimator):
         params = b.training.get("estimator_params", {})
         clf = cls(**{k: (tuple(v) if k == "overrides" else v) for k, v in params.items()})
         clf.model_, clf.preprocessor_, clf.training_, clf.metrics_ = b.model, b.preprocessor, b.training, b.metrics
+        clf.postprocess_ = b.postprocess
         clf.predictor_ = Predictor(b)
         clf.history_ = list(b.training.get("history", []))
         fitted = b.training.get("estimator_fitted", {})  # bundles of `deepfm train` have none: labels 0/1

@@ -3,6 +3,7 @@ store -> train -> evaluate -> save the bundle. Used by the CLI and the estimator
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import shutil
@@ -18,8 +19,9 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import torch
 
-from deepfm import outputs
+from deepfm import calibration, outputs
 from deepfm.accel import precision
+from deepfm.calibration import PostProcess
 from deepfm.config import RUNTIME_KEYS, apply_overrides, check_options, load_preset
 from deepfm.data import readers
 from deepfm.data import side as side_mod
@@ -466,14 +468,16 @@ def resolve_config(preset: str = "default", overrides: list[str] | None = None,
         raise DeepFMError(f"invalid configuration: {e}") from None
 
 
-def score(model: CTRModel, enc: Encoded | ShardSet, fields: list[FieldSpec], rows: np.ndarray | None = None
-          ) -> dict[str, Any]:
-    """Metrics of ``model`` on the labelled rows of ``enc`` (in memory or shards, streamed)."""
+def score(model: CTRModel, enc: Encoded | ShardSet, fields: list[FieldSpec], rows: np.ndarray | None = None,
+          post: PostProcess | None = None) -> dict[str, Any]:
+    """Metrics of ``model`` on the labelled rows of ``enc`` (in memory or shards, streamed); ``post``: the
+    bundle's post-processing of the logits (negative-rate correction, calibration), as served."""
     b = batcher(enc, fields)
     labels = b.labels()
     if labels is None:
         raise DeepFMError("cannot evaluate: the data has no label column")
-    p = sigmoid(predict_logits(model, b, rows))
+    logits = predict_logits(model, b, rows)
+    p = post.from_logits(logits) if post is not None else sigmoid(logits)
 
     def at(a: np.ndarray | None) -> np.ndarray | None:
         return None if a is None else np.asarray(a if rows is None else a[rows])
@@ -530,6 +534,10 @@ def _train(
 ) -> tuple[CTRModel, dict[str, Any]]:
     seed_everything(train_cfg.seed)
     fields = prepared.fields
+    prepared, sampled = _downsample(prepared, train_cfg)
+    if train_cfg.calibrate != "none" and prepared.valid is None:
+        raise DeepFMError(f"--calibrate {train_cfg.calibrate} is fitted on the validation split, and this run has "
+                          "none: give --valid FILE or a --valid-fraction")
     model = build_model(fields, model_cfg, train_row_count(prepared))
     model_cfg = model.cfg  # the data-size rules resolved (batch_norm: auto), as the bundle records them
     lineage = None
@@ -547,7 +555,7 @@ def _train(
         out.parent.mkdir(parents=True, exist_ok=True)
         log_path = out.parent / f"{out.name}.metrics.jsonl"
         # what a checkpoint may be resumed into: the same model, optimisation and data (not: epochs, threads...)
-        same = {k: v for k, v in train_cfg.to_dict().items() if k not in ("epochs", *RUNTIME_KEYS)}
+        same = {k: v for k, v in train_cfg.to_dict().items() if k not in ("epochs", "calibrate", *RUNTIME_KEYS)}
         rows = prepared.train_rows
         checkpoints = Checkpointer(out / "checkpoints", fingerprint(
             model_cfg.to_dict(), same, prepared.pre.fingerprint(), prepared.train.rows,
@@ -568,13 +576,14 @@ def _train(
                       validate_first=started is not None, callbacks=callbacks)
     if dist.rank() != 0:  # rank 0 scores and writes the bundle; the other ranks are done
         return model, {"metrics": {}, "training": {}}
+    post = _fit_postprocess(model, prepared, train_cfg)
     metrics: dict[str, Any] = {}
-    if prepared.valid is not None:
-        metrics["valid"] = score(model, prepared.valid, fields, prepared.valid_rows)
+    if prepared.valid is not None:  # calibrated on these rows: in-sample for the calibration map
+        metrics["valid"] = score(model, prepared.valid, fields, prepared.valid_rows, post)
     if test is not None:
-        metrics["test"] = score(model, test, fields)
+        metrics["test"] = score(model, test, fields, None, post)
     elif prepared.test is not None:  # the test part of a time split
-        metrics["test"] = score(model, prepared.test, fields, prepared.test_rows)
+        metrics["test"] = score(model, prepared.test, fields, prepared.test_rows, post)
     training = {
         "model": model_cfg.to_dict(), "train": train_cfg.to_dict(), "history": history,
         "data": {**prepared.info, **(extra_info or {})}, "train_seconds": time.perf_counter() - t0,
@@ -587,10 +596,15 @@ def _train(
         training["wide_start"] = started
     if lineage is not None:
         training["lineage"] = lineage
+    if sampled is not None:
+        training["negative_sampling"] = sampled
+    if not post.identity:
+        training["postprocess"] = post.to_dict()
     if out is not None:  # replaces the folder, checkpoints included: the run is complete
         try:
             bundle_mod.save(out, model, prepared.pre, data_format, training, metrics, force=force,
-                            extra_files={"train.log": run_log.read_bytes()} if run_log and run_log.exists() else None)
+                            extra_files={"train.log": run_log.read_bytes()} if run_log and run_log.exists() else None,
+                            postprocess=post)
         except outputs.WRITE_ERRORS as e:  # OSError, or safetensors' own error (disk full)
             raise disk_error(e, "the bundle", out) from None
         if log_path is not None and log_path.exists():
@@ -599,4 +613,47 @@ def _train(
             run_log.unlink(missing_ok=True)  # now in the bundle
     for cb in callbacks:
         cb.on_run_end(metrics, out)
-    return model, {"metrics": metrics, "training": training}
+    return model, {"metrics": metrics, "training": training, "postprocess": post}
+
+
+def _downsample(prepared: Prepared, train_cfg: TrainConfig) -> tuple[Prepared, dict[str, Any] | None]:
+    """``train.negative_rate`` q < 1: the training rows cut to every positive and a seeded random q of the
+    negatives (deepfm.calibration.downsample_negatives); validation and test rows are untouched. The
+    preprocessing was fitted on the whole training split before. -> (prepared, counts for training.json)."""
+    q = train_cfg.negative_rate
+    if q == 1:
+        return prepared, None
+    if isinstance(prepared.train, ShardSet):
+        raise DeepFMError("--negative-rate is not available with --streaming yet: train in memory")
+    labels = batcher(prepared.train, prepared.fields).labels()
+    if labels is None:
+        raise DeepFMError("--negative-rate needs labelled training data")
+    rows = prepared.train_rows if prepared.train_rows is not None else np.arange(prepared.train.rows)
+    kept, counts = calibration.downsample_negatives(rows, np.asarray(labels), q, train_cfg.seed)
+    if counts["positives"] == 0:
+        raise DeepFMError("--negative-rate: the training split has no positive rows")
+    log(f"negative downsampling at rate {q:g}: training on {counts['rows_kept']:,} of {counts['rows_before']:,} "
+        f"rows (all {counts['positives']:,} positives, {counts['negatives_kept']:,} of "
+        f"{counts['negatives_before']:,} negatives); probabilities corrected by p / (p + (1 - p) / {q:g})")
+    return dataclasses.replace(prepared, train_rows=kept), counts
+
+
+def _fit_postprocess(model: CTRModel, prepared: Prepared, train_cfg: TrainConfig) -> PostProcess:
+    """The bundle's post-processing: the negative-rate correction and ``train.calibrate`` fitted on the
+    validation split's (corrected) predictions."""
+    if train_cfg.calibrate == "none" or prepared.valid is None:
+        return PostProcess(negative_rate=float(train_cfg.negative_rate))
+    b = batcher(prepared.valid, prepared.fields)
+    rows = prepared.valid_rows
+    labels, weights = b.labels(), getattr(b, "weights", lambda: None)()
+    assert labels is not None
+    y = np.asarray(labels if rows is None else np.asarray(labels)[rows])
+    w = None if weights is None else np.asarray(weights if rows is None else np.asarray(weights)[rows])
+    try:
+        post = calibration.fit(train_cfg.calibrate, predict_logits(model, b, rows), y, w,
+                               float(train_cfg.negative_rate))
+    except ValueError as e:
+        raise DeepFMError(f"--calibrate {train_cfg.calibrate}: {e}") from None
+    log(f"calibration ({train_cfg.calibrate}) fitted on {post.info['rows']:,} validation rows: ECE "
+        f"{post.info['valid_ece_before']:.4f} -> {post.info['valid_ece_after']:.4f} (in-sample)")
+    return post

@@ -24,7 +24,10 @@ def export_command(bundle, fmt, out, check_rows, force) -> None:
     """Export a bundle's model to ONNX (or TorchScript) and check it against the torch model.
 
     The exported graph takes encoded inputs (idx int64 [batch, slots], val float32 [batch, slots]) and returns
-    logit and probability [batch]; preprocessing.json in the bundle holds what encodes raw values.
+    logit and probability [batch]; preprocessing.json in the bundle holds what encodes raw values. The graph is
+    the model alone: when the bundle has a calibration.json (--negative-rate, --calibrate), it is written beside
+    the export as OUT.calibration.json, a post-processing step to apply to the graph's logit
+    (docs/bundle-format.md; deepfm.calibration.PostProcess.from_dict(...).from_logits(logit)).
 
     \b
     Example:
@@ -41,6 +44,8 @@ def export_command(bundle, fmt, out, check_rows, force) -> None:
         raise DeepFMError(f"--out {path} is inside the bundle {bundle}: write the export beside it")
     outputs.check_file_out(path, lambda p: is_export(p, fmt), f"{fmt} export", force=force, inputs=(bundle,))
     b = load(bundle)
+    if not b.postprocess.identity:  # before anything is written
+        outputs.check_file_out(calibration_path(path), _ours, "calibration file", force=force)
     try:  # written and checked under a temporary name: a failed check leaves an earlier export at --out intact
         with outputs.locked(path), outputs.atomic_file(path, suffix=path.suffix) as tmp:
             (export_onnx if fmt == "onnx" else export_torchscript)(b.model, tmp)
@@ -51,3 +56,41 @@ def export_command(bundle, fmt, out, check_rows, force) -> None:
     except outputs.WRITE_ERRORS as e:
         raise outputs.write_error(e, "the export", path) from None
     click.echo(f"wrote {path}; max |p_{fmt} - p_torch| over {check_rows:,} random rows: {diff:.2e}")
+    _calibration_beside(b, path)
+
+
+def calibration_path(path: Path) -> Path:
+    return path.with_name(path.name + ".calibration.json")
+
+
+def _ours(p: Path) -> bool:
+    import json
+
+    from deepfm.calibration import FORMAT
+
+    try:
+        return json.loads(p.read_text()).get("format") == FORMAT
+    except (OSError, ValueError, AttributeError):
+        return False
+
+
+def _calibration_beside(b, path: Path) -> None:  # type: ignore[no-untyped-def]
+    """The bundle's post-processing (calibration.json) beside the export, or an earlier one of ours removed
+    when the bundle has none (a stale file would be applied to the wrong model)."""
+    import json
+
+    side = calibration_path(path)
+    post = b.postprocess
+    if post.identity:
+        if side.is_file() and _ours(side):
+            side.unlink()
+            click.echo(f"removed {side}, left by an earlier export: this bundle has no calibration")
+        return
+    try:
+        outputs.write_text(side, json.dumps(post.to_dict(), indent=1))
+    except outputs.WRITE_ERRORS as e:
+        raise outputs.write_error(e, "the calibration file", side) from None
+    steps = ([f"negative-rate correction (q = {post.negative_rate:g})"] if post.negative_rate != 1 else []) + \
+        ([f"{post.method} calibration"] if post.method != "none" else [])
+    click.echo(f"wrote {side}: the graph outputs the uncorrected model; apply its {' then '.join(steps)} to the "
+               "graph's logit (docs/bundle-format.md), as deepfm predict/serve do")

@@ -65,6 +65,15 @@ from deepfm.errors import DeepFMError
                                      "weighted early stopping.")
 @click.option("--group-column", help="Input column of group keys (e.g. a user id) for grouped AUC (gauc) in the "
                                     "validation and test metrics.")
+@click.option("--calibrate", type=click.Choice(["none", "platt", "isotonic"]),
+              help="Calibrate the probabilities on the validation split's predictions after training (the config "
+                   "key train.calibrate; default none): platt (logistic regression on the logit) or isotonic "
+                   "(pool-adjacent-violators); stored in the bundle's calibration.json, applied by predict, "
+                   "evaluate, serve and the Python API.")
+@click.option("--negative-rate", type=FiniteFloat(0, 1, min_open=True), metavar="Q",
+              help="Negative downsampling (train.negative_rate; 0 < Q <= 1, default 1): train on every positive "
+                   "and a seeded random fraction Q of the training split's negatives (validation and test "
+                   "untouched); served probabilities are corrected by p / (p + (1 - p) / Q).")
 @click.option("--split", "split", default="random", show_default=True, metavar="random|time:COLUMN",
               help="How --train is split when there is no --valid: random rows (--valid-fraction), or by time: "
                    "train before, valid and test after cut points of COLUMN (the recommended protocol for logs).")
@@ -90,7 +99,8 @@ from deepfm.errors import DeepFMError
 @outputs.interruptible
 def train_command(fmt, train_path, valid_path, valid_fraction, test_path, schema_path, out, model, preset, overrides,
           epochs, batch_size, lr, seed, threads, embedding_update, precision, min_count, on_bad_rows, cache_dir,
-          no_cache, streaming, shard_rows, init_from, nproc, checkpoint_every, resume, quiet, force, weight_column=None,
+          no_cache, streaming, shard_rows, init_from, nproc, checkpoint_every, resume, quiet, force, calibrate=None,
+          negative_rate=None, weight_column=None,
           group_column=None, split="random", test_fraction=0.0, valid_from=None, test_from=None, tensorboard_dir=None,
           tensorboard_every=50, use_mlflow=None) -> None:
     """Train a model and write a bundle.
@@ -130,6 +140,7 @@ def train_command(fmt, train_path, valid_path, valid_fraction, test_path, schema
     model_cfg, train_cfg = pipeline.resolve_config(preset, list(overrides), model=model, epochs=epochs,
                                                    batch_size=batch_size, lr=lr, seed=seed, threads=threads,
                                                    embedding_update=embedding_update, precision=precision,
+                                                   negative_rate=negative_rate, calibrate=calibrate,
                                                    checkpoint_every=checkpoint_every, weight_column=weight_column)
     from deepfm.data.side import SideColumns
 
@@ -137,6 +148,9 @@ def train_command(fmt, train_path, valid_path, valid_fraction, test_path, schema
     if streaming and (side or split != "random"):
         raise DeepFMError("--weight-column, --group-column and --split time are not available with --streaming "
                           "yet (the shards carry no side columns): train in memory, without --streaming")
+    if streaming and train_cfg.negative_rate != 1:
+        raise DeepFMError("--negative-rate is not available with --streaming yet: train in memory, without "
+                          "--streaming")
     if test_path and (test_fraction or test_from is not None):
         raise DeepFMError("--test FILE and a time-split test part (--test-fraction / --test-from): give one")
     schema = load_schema(schema_path, fmt, min_count)
@@ -170,7 +184,8 @@ def train_command(fmt, train_path, valid_path, valid_fraction, test_path, schema
         return
     for part, m in result["metrics"].items():
         auc = f"{m['auc']:.4f}" if m["auc"] == m["auc"] else "undefined (one class)"
-        extra = "".join(f"  {k.upper()} {m[k]:.4f}" for k in ("ne", "gauc") if m.get(k, float("nan")) == m.get(k))
+        extra = "".join(f"  {k.upper()} {m[k]:.4f}" for k in ("ne", "gauc", "ece")
+                        if m.get(k, float("nan")) == m.get(k))
         click.echo(f"{part}: AUC {auc}  logloss {m['logloss']:.4f}{extra}  calibration "
                    f"{m['calibration']:.3f}  rows {m['rows']:,}" + ("  (weighted)" if "weight_sum" in m else ""))
     click.echo(f"bundle written to {out}")

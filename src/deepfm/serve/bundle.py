@@ -7,6 +7,7 @@
       preprocessor.json   schema, vocabularies, numeric transform parameters
       training.json       training config, data description, per-epoch history
       metrics.json        validation (and test, if given) metrics
+      calibration.json    the negative-rate correction and calibration map (deepfm.calibration), when not identity
       train.log           the training run's log lines (written by `deepfm train --out`)
 
 Writes go to a temporary sibling folder, every file is fsynced, then one rename publishes the bundle, so a
@@ -35,6 +36,8 @@ from safetensors.torch import save_file
 
 from deepfm import __version__, outputs
 from deepfm.accel import accelerate
+from deepfm.calibration import FILE as CALIBRATION_FILE
+from deepfm.calibration import PostProcess
 from deepfm.data.preprocess import Preprocessor
 from deepfm.errors import BundleError, DeepFMError
 from deepfm.layout import FieldSpec, layout
@@ -57,6 +60,8 @@ class Bundle:
     metrics: dict[str, Any]
     manifest: dict[str, Any]
     path: Path | None = None
+    # logits -> served probabilities (calibration.json; the identity when the bundle has none)
+    postprocess: PostProcess = dataclasses.field(default_factory=PostProcess)
 
 
 def _sha256(path: Path) -> str:
@@ -76,14 +81,18 @@ def _write_json(path: Path, obj: Any) -> None:
 
 def save(bundle_dir: str | Path, model: CTRModel, pre: Preprocessor, data_format: str | None,
          training: dict[str, Any], metrics: dict[str, Any], force: bool = False,
-         extra_files: dict[str, bytes] | None = None) -> Path:
+         extra_files: dict[str, bytes] | None = None, postprocess: PostProcess | None = None) -> Path:
     """Write a bundle atomically to ``bundle_dir``, under its write lock. An existing folder there is replaced
     only if it is a bundle or a training run's folder (checkpoints), or with ``force``; else a DeepFMError.
-    ``extra_files``: more files by name (e.g. ``train.log``), checksummed in the manifest like the others."""
+    ``extra_files``: more files by name (e.g. ``train.log``), checksummed in the manifest like the others.
+    ``postprocess``: written as calibration.json unless it is the identity."""
     out = Path(bundle_dir)
+    extra = dict(extra_files or {})
+    if postprocess is not None and not postprocess.identity:
+        extra[CALIBRATION_FILE] = json.dumps(postprocess.to_dict(), indent=1).encode()
     with outputs.locked(out):
         outputs.check_dir_out(out, ("bundle", "train-run"), force=force)
-        return _save(out, model, pre, data_format, training, metrics, extra_files or {})
+        return _save(out, model, pre, data_format, training, metrics, extra)
 
 
 def _save(out: Path, model: CTRModel, pre: Preprocessor, data_format: str | None, training: dict[str, Any],
@@ -471,7 +480,16 @@ def _load(d: Path, dir_fd: int, verify: bool) -> Bundle:
             limit = JSON_LIMITS.get(name, PREPROCESSOR_LIMIT + 4 * wsize)
             docs[name] = _parse_json(d, name, _verified(d, files, name, _read_file(d, dir_fd, name, limit), verify))
         for name in sorted(set(files) - set(REQUIRED_FILES)):  # e.g. train.log: verified, not parsed
-            _verified(d, files, name, _read_file(d, dir_fd, name, OTHER_FILE_LIMIT), verify)
+            data = _verified(d, files, name, _read_file(d, dir_fd, name, OTHER_FILE_LIMIT), verify)
+            if name == CALIBRATION_FILE:
+                docs[name] = data
+        post = PostProcess()
+        if CALIBRATION_FILE in docs:
+            try:
+                post = PostProcess.from_dict(_parse_json(d, CALIBRATION_FILE, docs.pop(CALIBRATION_FILE)))
+            except ValueError as e:
+                raise BundleError(f"{d}: {CALIBRATION_FILE}: {str(e)[:300]}; the bundle is damaged or was edited") \
+                    from None
         fields, cfg = _model_json(d, docs["model.json"])
         pre = _preprocessor(d, docs["preprocessor.json"])
         if fields != layout(pre):
@@ -500,4 +518,4 @@ def _load(d: Path, dir_fd: int, verify: bool) -> Bundle:
         os.close(wfd)
     model.eval()
     return Bundle(model=model, preprocessor=pre, data_format=manifest.get("data_format"),
-                  training=docs["training.json"], metrics=metrics, manifest=manifest, path=d)
+                  training=docs["training.json"], metrics=metrics, manifest=manifest, path=d, postprocess=post)

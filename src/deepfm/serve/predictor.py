@@ -29,7 +29,7 @@ from deepfm.layout import layout
 from deepfm.serve.bundle import Bundle, load
 from deepfm.serve.fastpath import SMALL_BATCH, NumpyForward
 from deepfm.serve.records import RecordEncoder
-from deepfm.utils import set_threads, sigmoid
+from deepfm.utils import set_threads
 
 ENGINES = ("torch", "onnxruntime")
 
@@ -58,6 +58,9 @@ class Predictor:
         self.fields = layout(self.pre)
         self.records = RecordEncoder(self.pre)
         self.engine = engine
+        # logits -> served probabilities: the bundle's calibration.json (negative-rate correction, calibration),
+        # applied here and only here for every caller (predict, evaluate, the server, the estimator)
+        self.postprocess = self.bundle.postprocess
         set_threads(threads)
         try:
             self.small: NumpyForward | None = NumpyForward(self.bundle.model)
@@ -93,6 +96,11 @@ class Predictor:
         with torch.no_grad():
             return self.bundle.model(torch.from_numpy(idx), torch.from_numpy(val)).float().numpy()
 
+    def probabilities(self, logits: np.ndarray) -> np.ndarray:
+        """float64 [B] served probabilities for the model's logits [B]: sigmoid, then the bundle's
+        post-processing (deepfm.calibration.PostProcess; exactly sigmoid when the bundle has none)."""
+        return self.postprocess.from_logits(logits)
+
     def predict_encoded(self, enc: Encoded, batch_size: int = 65536) -> np.ndarray:
         """float64 [N] probabilities of an encoded block."""
         batcher = Batcher(enc, self.fields)
@@ -100,7 +108,7 @@ class Predictor:
         for s in range(0, enc.rows, batch_size):
             idx, val, _ = batcher(slice(s, min(enc.rows, s + batch_size)))
             out[s: s + idx.shape[0]] = self.logits(idx.numpy(), val.numpy())
-        return sigmoid(out)
+        return self.probabilities(out)
 
     # ------------------------------------------------------------------ raw inputs
     def predict_result(self, data: readers.ReadResult, batch_size: int = 65536) -> np.ndarray:
@@ -142,4 +150,4 @@ class Predictor:
         """JSON-style rows ``[{field: raw value}]`` -> float64 [N] probabilities (see serve.records for the
         accepted values; a bad value raises RecordError naming the row and field)."""
         idx, val = self.records.encode(records)
-        return sigmoid(self.logits(idx, val))
+        return self.probabilities(self.logits(idx, val))

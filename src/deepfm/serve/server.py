@@ -49,7 +49,6 @@ from deepfm import __version__
 from deepfm.serve.counters import COUNTERS
 from deepfm.serve.predictor import Predictor
 from deepfm.serve.records import RecordError
-from deepfm.utils import sigmoid
 
 log = logging.getLogger("deepfm.serve")
 
@@ -216,7 +215,7 @@ class MicroBatcher:
                 for j in group:
                     n = j.idx.shape[0]
                     if not j.future.done():
-                        j.future.set_result(sigmoid(logits[s: s + n]))
+                        j.future.set_result(pred.probabilities(logits[s: s + n]))  # + the bundle's calibration
                     s += n
 
 

@@ -129,9 +129,33 @@ def normalized_entropy(y_true: np.ndarray, y_prob: np.ndarray, sample_weight: np
     return logloss(y, y_prob, sample_weight=w) / entropy(float(np.sum(w * y) / total))
 
 
+ECE_BINS = 20  # equal-frequency bins of expected_calibration_error (the ``ece`` of evaluate)
+
+
+def expected_calibration_error(y_true: np.ndarray, y_prob: np.ndarray, sample_weight: np.ndarray | None = None,
+                               bins: int = ECE_BINS) -> float:
+    """ECE over ``bins`` equal-frequency bins: rows sorted by predicted probability and cut into bins of equal
+    row counts (``numpy.array_split``: sizes differ by at most one; fewer rows than bins: one row each), then
+    sum_b (W_b / W) |mean_b(p) - mean_b(y)| with weighted means (= sum_b |sum_b w (p - y)| / W). NaN for
+    no rows or zero total weight."""
+    y = np.asarray(y_true, dtype=np.float64).ravel()
+    p = np.asarray(y_prob, dtype=np.float64).ravel()
+    w = _weights(sample_weight, y.size)
+    total = w.sum()
+    if y.size == 0 or total <= 0:
+        return float("nan")
+    order = np.argsort(p, kind="stable")
+    k = min(bins, y.size)  # bins as numpy.array_split(order, k): the first n % k hold one row more
+    sizes = np.full(k, y.size // k) + (np.arange(k) < y.size % k)
+    starts = np.r_[0, np.cumsum(sizes)[:-1]]
+    gap = np.add.reduceat((w * (p - y))[order], starts)
+    return float(np.abs(gap).sum() / total)
+
+
 def evaluate(y_true: np.ndarray, y_prob: np.ndarray, sample_weight: np.ndarray | None = None,
              groups: np.ndarray | None = None) -> dict[str, float]:
-    """AUC, logloss, NE, calibration (mean predicted CTR / observed CTR), CTRs and the row count; with
+    """AUC, logloss, NE, calibration (mean predicted CTR / observed CTR), ECE (expected calibration error,
+    ``ECE_BINS`` equal-frequency bins), CTRs and the row count; with
     ``sample_weight`` every figure but ``rows`` is weighted (and ``weight_sum`` added), with ``groups`` the
     grouped AUC (``gauc``) and the number of groups it averages (``gauc_groups``)."""
     y = np.asarray(y_true, dtype=np.float64).ravel()
@@ -146,6 +170,7 @@ def evaluate(y_true: np.ndarray, y_prob: np.ndarray, sample_weight: np.ndarray |
         "logloss": ll,
         "ne": ll / entropy(observed) if total > 0 else float("nan"),
         "calibration": predicted / observed if observed > 0 else float("nan"),
+        "ece": expected_calibration_error(y, p, w),
         "observed_ctr": observed,
         "predicted_ctr": predicted,
         "rows": int(y.size),

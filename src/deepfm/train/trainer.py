@@ -71,6 +71,11 @@ class TrainConfig:
     # per-row sample weights read from this input column (None: unweighted); the pipeline reads the column, the
     # loss is the weighted BCE over the training rows' mean weight, validation metrics are weighted
     weight_column: str | None = None
+    # negative downsampling (pipeline.train): every positive and this fraction of the training split's negatives are
+    # trained on; validation probabilities are corrected to sigmoid(logit + ln q), as the bundle's (deepfm.calibration)
+    negative_rate: float = 1.0
+    # calibration fitted on the validation predictions after training (none, platt, isotonic; deepfm.calibration)
+    calibrate: str = "none"
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> TrainConfig:
@@ -528,6 +533,8 @@ class Trainer:
         weights = getattr(valid, "weights", lambda: None)()  # weighted validation: weighted early stopping
         if weights is not None:
             weights = np.asarray(weights if vrows is None else weights[vrows])
+        if cfg.negative_rate != 1:  # a downsampled run is validated on corrected probabilities (deepfm.calibration)
+            logits = logits.astype(np.float64) + math.log(cfg.negative_rate)
         m = evaluate(np.asarray(labels if vrows is None else labels[vrows]), sigmoid(logits), weights)
         d = self.early_stopping.update(m, model)
         if d.name != cfg.monitor and not self._auc_warned and self.lead:
