@@ -1,8 +1,10 @@
-"""Serving benchmark: in-process 1-row latency, batch scoring from Parquet (torch vs onnxruntime), and HTTP
-load with wrk at concurrency 1, 16 and 64 for 1-row and 100-row requests.
+"""Serving benchmark: in-process 1-row latency, batch scoring from Parquet (torch, onnxruntime and the
+quantised engines int8 and bf16 side by side, each with its parity against fp32), and HTTP load with wrk at
+concurrency 1, 16 and 64 for 1-row and 100-row requests.
 
     python benchmarks/serve.py                 # everything (~6 minutes on 2 cores)
     python benchmarks/serve.py --skip-http     # no wrk runs
+    python benchmarks/serve.py --rows 300000 --skip-http --no-docs --tag small   # a quick scoring run
 
 Data: `deepfm synth` (Criteo format, seed 0). The bundle is the default preset (embedding 10, MLP 400-400-400
 with batch norm) trained 1 epoch on the synthetic validation split; Parquet scoring reads the training split
@@ -29,7 +31,7 @@ import numpy as np
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "benchmarks"))
-from run import cpu_line, write_docs  # noqa: E402
+from run import cpu_flags, cpu_line, write_docs  # noqa: E402
 
 WRK_LUA = """
 wrk.method = "POST"
@@ -98,12 +100,15 @@ def in_process(bundle: Path, data: Path) -> dict:
 def batch_scoring(bundle: Path, parquet: Path, engine: str, threads: int) -> dict:
     from deepfm.serve.predictor import Predictor
 
-    pred = Predictor(bundle, threads=threads, engine=engine)
+    pred = Predictor(bundle, threads=threads, engine=engine, report=lambda line: print(line, flush=True))
+    from deepfm.data import readers
+
+    # warm-up on the first block, untimed, for every engine: the quantised ones run their parity check there
+    first = next(readers.iter_read(parquet, "parquet", pred.pre.schema, block_rows=65536))
+    pred.predict_encoded(pred.pre.transform(first), batch_size=8192)
     t0 = time.perf_counter()
     t_read = t_model = 0.0
     n = 0
-    from deepfm.data import readers
-
     it = readers.iter_read(parquet, "parquet", pred.pre.schema, block_rows=65536)
     while True:
         t = time.perf_counter()
@@ -117,8 +122,12 @@ def batch_scoring(bundle: Path, parquet: Path, engine: str, threads: int) -> dic
         t_model += time.perf_counter() - t
         n += block.rows
     wall = time.perf_counter() - t0
-    return {"engine": engine, "rows": n, "seconds": wall, "rows_per_s": n / wall,
-            "decode_encode_s": t_read, "model_s": t_model, "model_rows_per_s": n / t_model}
+    out = {"engine": engine, "rows": n, "seconds": wall, "rows_per_s": n / wall,
+           "decode_encode_s": t_read, "model_s": t_model, "model_rows_per_s": n / t_model}
+    if pred.quant is not None and pred.quant.checks:  # parity on the first block's first 10k rows
+        p = pred.quant.checks[0]
+        out["parity"] = {"rows": p.rows, "max_dp": p.max_dp, "d_auc": p.d_auc, "ok": p.ok}
+    return out
 
 
 def free_port() -> int:
@@ -203,6 +212,7 @@ def render(res: dict) -> str:
     for s in res["scoring"]:
         lines.append(f"| {s['engine']} | {s['rows_per_s']:,.0f} | {s['decode_encode_s']:.1f} | {s['model_s']:.1f} | "
                      f"{s['model_rows_per_s']:,.0f} |")
+    lines += quantised_table(res)
     if res.get("http"):
         lines += ["", f"**HTTP** (`deepfm serve`, wrk on the same 2 cores, {res['http_seconds']} s per run):", "",
                   "| workers | rows/request | concurrency | requests/s | p50 ms | p99 ms | errors "
@@ -215,6 +225,24 @@ def render(res: dict) -> str:
     return "\n".join(lines)
 
 
+def quantised_table(res: dict) -> list[str]:
+    """The quantised engines against torch fp32 (model time only), with their parity figures."""
+    base = next((s for s in res["scoring"] if s["engine"] == "torch"), None)
+    quant = [s for s in res["scoring"] if "parity" in s]
+    if base is None or not quant:
+        return []
+    lines = ["", "**Quantised scoring** (model time against torch fp32, same run; parity on the first 10k rows "
+             "scored, targets max |dp| <= 2e-3, AUC difference <= 5e-4):", "",
+             "| engine | model rows/s | x fp32 | max abs dp | AUC difference | parity |", "|---|---|---|---|---|---|"]
+    for s in quant:
+        p = s["parity"]
+        d_auc = "n/a" if p["d_auc"] is None else f"{p['d_auc']:.1e}"
+        lines.append(f"| {s['engine']} | {s['model_rows_per_s']:,.0f} | "
+                     f"{s['model_rows_per_s'] / base['model_rows_per_s']:.2f} | {p['max_dp']:.1e} | {d_auc} | "
+                     f"{'holds' if p['ok'] else 'fails'} |")
+    return lines
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--work", type=Path, default=ROOT / "benchmarks" / ".work" / "serve")
@@ -223,6 +251,9 @@ def main() -> None:
     ap.add_argument("--workers", default="1,2", help="server worker counts to load-test")
     ap.add_argument("--skip-http", action="store_true")
     ap.add_argument("--no-docs", action="store_true")
+    ap.add_argument("--engines", default="torch,onnxruntime,int8,bf16",
+                    help="batch-scoring engines, side by side (int8, bf16, auto: deepfm.serve.quantize)")
+    ap.add_argument("--tag", default="", help="results go to results/serve-TAG.json (e.g. a small run)")
     a = ap.parse_args()
     a.work.mkdir(parents=True, exist_ok=True)
     data, bundle, parquet = prepare(a.work, a.rows)
@@ -232,7 +263,8 @@ def main() -> None:
            "parameters": sum(p.numel() for p in load(bundle).model.parameters())}
     res["in_process"] = in_process(bundle, data)
     print(json.dumps(res["in_process"]), flush=True)
-    res["scoring"] = [batch_scoring(bundle, parquet, e, threads=0) for e in ("torch", "onnxruntime")]
+    res["cpu_flags"] = cpu_flags()
+    res["scoring"] = [batch_scoring(bundle, parquet, e, threads=0) for e in a.engines.split(",")]
     print(json.dumps(res["scoring"]), flush=True)
     res["http_seconds"] = a.http_seconds
     if not a.skip_http:
@@ -243,8 +275,9 @@ def main() -> None:
     out = ROOT / "benchmarks" / "results"
     (out / "history").mkdir(parents=True, exist_ok=True)
     text = json.dumps(res, indent=1)
-    (out / "serve.json").write_text(text)
-    (out / "history" / f"serve-{time.strftime('%Y%m%d-%H%M%S')}.json").write_text(text)
+    name = f"serve-{a.tag}" if a.tag else "serve"
+    (out / f"{name}.json").write_text(text)
+    (out / "history" / f"{name}-{time.strftime('%Y%m%d-%H%M%S')}.json").write_text(text)
     block = render(res)
     print(block)
     if not a.no_docs:

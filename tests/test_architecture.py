@@ -19,7 +19,8 @@ SRC = Path(__file__).resolve().parents[1] / "src"
 # Lowest first. A module belongs to the first entry that is its name or a package above it.
 LAYERS: list[tuple[str, tuple[str, ...]]] = [
     ("core", ("deepfm.errors", "deepfm.utils", "deepfm.layout", "deepfm.schema", "deepfm.config",
-              "deepfm.outputs", "deepfm.presets")),
+              "deepfm.outputs", "deepfm.presets", "deepfm.device", "deepfm.calibration",
+              "deepfm.train.metrics")),  # numpy metrics (AUC, logloss, ECE): train, serve and calibration use them
     ("data", ("deepfm.data",)),
     ("models", ("deepfm.models",)),
     ("accel", ("deepfm.accel",)),

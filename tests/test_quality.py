@@ -63,13 +63,15 @@ def test_batch_norm_auto_follows_the_training_rows():
         build_model([], cfg)
 
 
-def test_default_preset_at_large_data_is_the_previous_default():
-    """From 20k rows the data-size rules give the previous default (batch norm, no wide start): the figures
-    at 1M rows and the training throughput are unchanged."""
+def test_default_preset_at_large_data():
+    """From 20k rows the data-size rules turn batch norm on and the wide start off; the rest is the default
+    measured in docs/quality.md (embedding 16, MLP 256-128, net L2 1e-3, one LR cut before stopping)."""
     model_cfg, train_cfg = pipeline.resolve_config("default")
     assert resolve_config(model_cfg, 1_000_000).batch_norm is True
     assert train_cfg.wide_start == "auto" and train_cfg.evals_per_epoch == 1
     assert pipeline.AUTO_WIDE_START_ROWS <= 20_000
+    assert (model_cfg.embed_dim, list(model_cfg.hidden), model_cfg.net_l2) == (16, [256, 128], 1e-3)
+    assert train_cfg.reduce_lr_on_plateau is True
 
 
 def test_evals_per_epoch_validates_inside_the_epoch(synth_small, monkeypatch):

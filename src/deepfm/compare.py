@@ -309,10 +309,12 @@ def compare(
     force: bool = False,
     weight_column: str | None = None,
     group_column: str | None = None,
+    device: str | None = None,
 ) -> Outcome:
     """Train every model x seed on the same prepared data, skipping runs already done in ``out``, then write
     the tables, plots and report. echo: where the progress lines go (default: print). weight_column: sample
-    weights for training and every metric; group_column: grouped AUC (GAUC) in the tables (``data.side``)."""
+    weights for training and every metric; group_column: grouped AUC (GAUC) in the tables (``data.side``).
+    device: train.device for every run (None: the preset's; not part of the run keys)."""
     t_start = time.monotonic()
     say = echo or (lambda s: print(s, flush=True))
     model_list = parse_models(models) if isinstance(models, str) else parse_models(",".join(models))
@@ -366,7 +368,8 @@ def compare(
         for seed in range(1, seeds + 1):
             for m in model_list:
                 model_cfg, train_cfg = pipeline.resolve_config(preset, list(overrides), model=m, epochs=epochs,
-                                                               seed=seed, threads=threads, weight_column=weight_column)
+                                                               seed=seed, threads=threads, weight_column=weight_column,
+                                                               device=device)
                 r = Run(m, seed, run_key(model_cfg.to_dict(), train_cfg.to_dict(), data_key), model_cfg, train_cfg)
                 done = _read_json(out / "runs" / r.id / DONE)
                 if done and done.get("key") == r.key and done.get("model") == m and done.get("seed") == seed:

@@ -18,7 +18,7 @@ MODEL_NAMES = ("lr", "fm", "deepfm", "dnn", "wdl", "fnn", "ipnn", "opnn", "pnnst
 FORMATS = ("criteo", "avazu", "libfm", "movielens", "csv", "tsv", "parquet")
 # Training options that change how fast a run goes, not what it computes: left out of compare's and tune's
 # run keys, and free to change when a run resumes from a checkpoint (as are the epochs)
-RUNTIME_KEYS = ("threads", "prefetch", "checkpoint_every", "keep_checkpoints", "eval_batch_size")
+RUNTIME_KEYS = ("threads", "prefetch", "checkpoint_every", "keep_checkpoints", "eval_batch_size", "device")
 
 
 def preset_names() -> list[str]:
@@ -131,6 +131,12 @@ def _column(v: Any) -> str | None:
     return None if v is None or (isinstance(v, str) and v) else "a column name or null"
 
 
+def _device(v: Any) -> str | None:
+    from deepfm.device import check_device_name  # no torch import: the CLI lists options without it
+
+    return check_device_name(v)
+
+
 def _activation(v: Any) -> str | None:
     return None if v is None or (isinstance(v, str) and v) else "an activation name (relu, tanh, sigmoid) or null"
 
@@ -147,7 +153,7 @@ OPTION_CHECKS: dict[str, dict[str, Any]] = {
               "evals_per_epoch": _batch_size,  # also a positive integer or 'auto'
               "negative_rate": _float(0.0, lo_open=True, hi=1.0), "calibrate": _choice("none", "platt", "isotonic"),
               "wide_lr_scale": _float(0.0, lo_open=True), "wide_start": _choice(True, False, "auto"),
-              "weight_column": _column},
+              "weight_column": _column, "device": _device},
 
 }
 # YAML 1.1 reads 1e-3 (no dot) as a string: such numbers are taken as floats where a float is expected

@@ -12,6 +12,7 @@ fields); the schema is inferred from X unless given. With scikit-learn installed
 
 from __future__ import annotations
 
+import copy
 import inspect
 from pathlib import Path
 from typing import Any
@@ -20,9 +21,11 @@ import numpy as np
 import pyarrow as pa
 
 from deepfm import pipeline
+from deepfm.accel import accelerate
 from deepfm.data import readers, side
 from deepfm.data.infer import infer_fields
 from deepfm.data.preprocess import Preprocessor
+from deepfm.device import model_device, resolve_device
 from deepfm.errors import DataError, DeepFMError
 from deepfm.schema import Schema
 from deepfm.serve import bundle as bundle_mod
@@ -114,6 +117,9 @@ class DeepFMClassifier(ClassifierMixin, BaseEstimator):
     ``calibrate`` (none, platt, isotonic) and ``negative_rate`` (0 < q <= 1) as ``deepfm train --calibrate``
     / ``--negative-rate`` (None: the preset's, none and 1): ``predict_proba`` serves the corrected, calibrated
     probabilities, as the saved bundle does.
+    ``device``: where fit trains and predict scores (``auto``: CUDA when available, ``cpu``, ``cuda``,
+    ``cuda:N``); the fitted model, a pickle and a saved bundle hold CPU tensors, so a model fitted on a GPU
+    predicts on a machine without one (``load`` and unpickling fall back to the CPU when the device is absent).
 
     Fitted attributes: ``classes_`` (the two labels of y, sorted; ``classes_[1]`` is the positive class),
     ``n_features_in_``, ``feature_names_in_`` (when X has column names), ``history_`` (one dict per
@@ -130,7 +136,8 @@ class DeepFMClassifier(ClassifierMixin, BaseEstimator):
                  epochs: int | None = None, batch_size: int | None = None, lr: float | None = None,
                  seed: int = 2017, valid_fraction: float = 0.1, threads: int = 0, min_count: int | None = None,
                  overrides: tuple[str, ...] = (), verbose: bool = False, tensorboard_dir: str | None = None,
-                 mlflow: bool = False, calibrate: str | None = None, negative_rate: float | None = None) -> None:
+                 mlflow: bool = False, calibrate: str | None = None, negative_rate: float | None = None,
+                 device: str = "auto") -> None:
         self.model = model
         self.preset = preset
         self.schema = schema
@@ -147,6 +154,7 @@ class DeepFMClassifier(ClassifierMixin, BaseEstimator):
         self.mlflow = mlflow
         self.calibrate = calibrate
         self.negative_rate = negative_rate
+        self.device = device
 
     # scikit-learn protocol
     def get_params(self, deep: bool = True) -> dict[str, Any]:
@@ -210,7 +218,8 @@ class DeepFMClassifier(ClassifierMixin, BaseEstimator):
         model_cfg, train_cfg = pipeline.resolve_config(self.preset, list(self.overrides), model=self.model,
                                                        epochs=self.epochs, batch_size=self.batch_size, lr=self.lr,
                                                        seed=self.seed, threads=self.threads,
-                                                       calibrate=self.calibrate, negative_rate=self.negative_rate)
+                                                       calibrate=self.calibrate, negative_rate=self.negative_rate,
+                                                       device=self.device)
         if eval_set is not None:
             pre = Preprocessor(schema).fit(data)
             xv = to_arrow(eval_set[0])
@@ -234,7 +243,8 @@ class DeepFMClassifier(ClassifierMixin, BaseEstimator):
         self.history_ = list(self.training_.get("history", []))
         self.postprocess_ = result["postprocess"]
         self.predictor_ = Predictor(bundle_mod.Bundle(self.model_, pre, None, self.training_, self.metrics_, {},
-                                                      postprocess=self.postprocess_), threads=self.threads)
+                                                      postprocess=self.postprocess_), threads=self.threads,
+                                    device=train_cfg.device)
         return self
 
     # Pickling (joblib, GridSearchCV with n_jobs) keeps the fitted model and preprocessing and rebuilds the
@@ -242,6 +252,9 @@ class DeepFMClassifier(ClassifierMixin, BaseEstimator):
     def __getstate__(self) -> dict[str, Any]:
         state = self.__dict__.copy()
         state.pop("predictor_", None)
+        model = state.get("model_")
+        if model is not None and model_device(model).type != "cpu":  # a pickle is device-free
+            state["model_"] = accelerate(copy.deepcopy(model).cpu())
         return state
 
     def __setstate__(self, state: dict[str, Any]) -> None:
@@ -249,7 +262,7 @@ class DeepFMClassifier(ClassifierMixin, BaseEstimator):
         if "model_" in state:
             self.predictor_ = Predictor(bundle_mod.Bundle(self.model_, self.preprocessor_, None, self.training_,
                                                           self.metrics_, {}, postprocess=self._postprocess()),
-                                        threads=self.threads)
+                                        threads=self.threads, device=_usable(getattr(self, "device", "auto")))
 
     def _postprocess(self) -> Any:
         from deepfm.calibration import PostProcess
@@ -303,13 +316,17 @@ class DeepFMClassifier(ClassifierMixin, BaseEstimator):
                                postprocess=self._postprocess())
 
     @classmethod
-    def load(cls, path: str | Path) -> DeepFMClassifier:
+    def load(cls, path: str | Path, device: str | None = None) -> DeepFMClassifier:
+        """A saved bundle as a fitted classifier that predicts on ``device`` (default: the saved parameter,
+        or the CPU where that device is absent here)."""
         b = bundle_mod.load(path)
         params = b.training.get("estimator_params", {})
         clf = cls(**{k: (tuple(v) if k == "overrides" else v) for k, v in params.items()})
+        if device is not None:
+            clf.device = device
         clf.model_, clf.preprocessor_, clf.training_, clf.metrics_ = b.model, b.preprocessor, b.training, b.metrics
         clf.postprocess_ = b.postprocess
-        clf.predictor_ = Predictor(b)
+        clf.predictor_ = Predictor(b, device=clf.device if device is not None else _usable(clf.device))
         clf.history_ = list(b.training.get("history", []))
         fitted = b.training.get("estimator_fitted", {})  # bundles of `deepfm train` have none: labels 0/1
         clf.classes_ = np.asarray(fitted.get("classes", [0, 1]))
@@ -320,3 +337,12 @@ class DeepFMClassifier(ClassifierMixin, BaseEstimator):
         if names is not None:
             clf.feature_names_in_ = np.asarray(names, dtype=object)
         return clf
+
+
+def _usable(device: str) -> str:
+    """``device`` where it exists here, else the CPU (a model fitted on a GPU, unpickled or loaded without one)."""
+    try:
+        resolve_device(device)
+    except DeepFMError:
+        return "cpu"
+    return device

@@ -39,6 +39,7 @@ from deepfm.data.store import (
     open_store,
     save_store,
 )
+from deepfm.device import model_device
 from deepfm.errors import DataError, DeepFMError
 from deepfm.models.build import build_model
 from deepfm.models.ctr import MODELS, CTRModel, ModelConfig
@@ -589,6 +590,7 @@ def _train(
         "data": {**prepared.info, **(extra_info or {})}, "train_seconds": time.perf_counter() - t0,
         "best_epoch": history[-1].get("best_epoch") if history else None,
     }
+    training["device"] = str(model_device(model))  # what train.device (e.g. "auto") resolved to
     decision = precision.last_decision()  # what train.precision (e.g. "auto") resolved to in fit
     if decision is not None:
         training["precision"] = decision.to_dict()

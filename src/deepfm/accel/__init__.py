@@ -38,10 +38,11 @@ from deepfm.accel.mlp import FusedMLP
 from deepfm.models.ctr import CTRModel
 from deepfm.models.layers import MLP, FusedTable
 
-__all__ = ["accelerate", "kernels", "FusedCTRModel", "FastTable", "FusedMLP"]
+__all__ = ["accelerate", "plain", "kernels", "FusedCTRModel", "FastTable", "FusedMLP"]
 
 # exact class -> its fused subclass (a subclass of CTRModel, e.g. a baseline, keeps its own forward)
 FUSED: dict[type[nn.Module], type[nn.Module]] = {CTRModel: FusedCTRModel, FusedTable: FastTable, MLP: FusedMLP}
+PLAIN: dict[type[nn.Module], type[nn.Module]] = {fused: base for base, fused in FUSED.items()}
 
 M = TypeVar("M", bound=nn.Module)
 
@@ -53,4 +54,14 @@ def accelerate(module: M) -> M:
         fused = FUSED.get(type(m))
         if fused is not None:
             m.__class__ = fused
+    return module
+
+
+def plain(module: M) -> M:
+    """Undo ``accelerate``: the plain blocks back in, in place (for a GPU, where the C kernels do not run);
+    returns ``module``. Idempotent."""
+    for m in module.modules():
+        base = PLAIN.get(type(m))
+        if base is not None:
+            m.__class__ = base
     return module

@@ -6,7 +6,8 @@ and GEMM shapes (batch x the model's Linear layers, forward + both backward GEMM
 in under a second, and cached as a small JSON file in ``$DEEPFM_CACHE/precision`` (beside the kernels'
 cache); delete the file to measure again. bf16 is chosen when its median time is at least
 ``AUTO_MIN_RATIO`` times shorter. fp32 master weights and optimiser state are unaffected either way: bf16
-means autocast of the forward (``train.trainer.autocast``).
+means autocast of the forward (``train.trainer.autocast``). On a CUDA device (``train.device``) nothing is
+measured: auto is bf16 where ``torch.cuda.is_bf16_supported()`` (Ampere and later), else fp32.
 """
 
 from __future__ import annotations
@@ -148,6 +149,11 @@ def decide(requested: str, model: nn.Module, batch: int, device: str = "cpu", *,
             "batch": batch}
     if requested != "auto":
         return _remember(Decision(chosen=requested, reason="set in the configuration", **base))
+    if device == "cuda":  # a GPU: its tensor cores run bf16 where it has them (Ampere and later)
+        bf16 = torch.cuda.is_available() and torch.cuda.is_bf16_supported()
+        name = torch.cuda.get_device_name() if torch.cuda.is_available() else "no CUDA device"
+        return _remember(Decision(chosen="bf16" if bf16 else "fp32", reason=(
+            f"CUDA device {name} {'supports' if bf16 else 'does not support'} bf16"), **base))
     if device != "cpu":
         return _remember(Decision(chosen="fp32", reason=f"auto measures on CPU only (device {device})", **base))
     if not shapes:

@@ -85,6 +85,26 @@ def loading_options(fn):
     return fn
 
 
+def device_option(fn=None, *, default: str | None = None):
+    """--device {auto,cpu,cuda,cuda:N}: where the model runs (deepfm.device). ``default`` None: the
+    configuration's (train.device, "auto"); commands without a configuration default to "auto"."""
+    def apply(f):
+        return click.option(
+            "--device", default=default, metavar="auto|cpu|cuda|cuda:N", callback=_check_device,
+            help="Where the model runs: cpu (the fused CPU kernels), cuda or cuda:N (a GPU), or auto (CUDA when "
+                 "available, else the CPU)" + (f"; default {default}." if default else "; default: train.device, "
+                                               "auto.") + " Bundles hold CPU tensors whatever the device.")(f)
+    return apply(fn) if fn is not None else apply
+
+
+def _check_device(ctx: click.Context, param: click.Parameter, value: str | None) -> str | None:
+    from deepfm.device import DEVICE_HELP, check_device_name
+
+    if value is not None and check_device_name(value) is not None:
+        raise click.BadParameter(f"{value!r} is not a device: use {DEVICE_HELP}", ctx, param)
+    return value
+
+
 def input_format(fmt: str | None, schema_path: str | None, train_path: str) -> str:
     """The training data's format: --format, else from --schema and the file name (parquet or csv)."""
     if fmt is None and schema_path is None:

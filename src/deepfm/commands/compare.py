@@ -5,7 +5,7 @@ from __future__ import annotations
 import click
 
 from deepfm import outputs
-from deepfm.commands._options import FORMATS, friendly, loading_options
+from deepfm.commands._options import FORMATS, device_option, friendly, loading_options
 from deepfm.config import MODEL_NAMES
 
 
@@ -30,6 +30,7 @@ from deepfm.config import MODEL_NAMES
               help="Override a preset option for every model, e.g. --set model.hidden=[400,400,400].")
 @click.option("--epochs", type=int, help="Maximum epochs (early stopping on the validation metric).")
 @loading_options
+@device_option
 @click.option("--streaming", is_flag=True,
               help="Out of core, as `deepfm train --streaming`: fit in one streaming pass, train from shards on disk.")
 @click.option("--budget-minutes", type=float,
@@ -43,7 +44,7 @@ from deepfm.config import MODEL_NAMES
 @outputs.interruptible
 def compare_command(fmt, train_path, valid_path, valid_fraction, test_path, schema_path, models, seeds, split_seed,
                     preset, overrides, epochs, threads, min_count, on_bad_rows, cache_dir, no_cache, streaming,
-                    budget_minutes, out, force, weight_column=None, group_column=None) -> None:
+                    budget_minutes, out, force, weight_column=None, group_column=None, device=None) -> None:
     """Compare models as in the DeepFM paper's Table 2: every model on the same splits and preprocessing,
     N seeds each; writes results.csv, table.md/.csv (AUC and logloss mean ± std, RelaImpr vs LR), plots and
     one self-contained report.html. Resumable: rerunning the same command skips the runs already done.
@@ -63,13 +64,13 @@ def compare_command(fmt, train_path, valid_path, valid_fraction, test_path, sche
               "--set": list(overrides), "--epochs": epochs, "--threads": threads, "--min-count": min_count,
               "--on-bad-rows": on_bad_rows if on_bad_rows != "error" else None, "--cache-dir": cache_dir,
               "--no-cache": no_cache, "--streaming": streaming, "--budget-minutes": budget_minutes,
-              "--weight-column": weight_column, "--group-column": group_column, "--out": out}
+              "--weight-column": weight_column, "--group-column": group_column, "--device": device, "--out": out}
     res = compare(train_path, test_path, out, fmt=fmt, models=models, seeds=seeds, valid_path=valid_path,
                   valid_fraction=valid_fraction, split_seed=split_seed, schema_path=schema_path, preset=preset,
                   overrides=list(overrides), epochs=epochs, threads=threads, min_count=min_count,
                   on_bad_rows=on_bad_rows, cache_dir=cache_dir, use_cache=not no_cache,
                   streaming=streaming, budget_minutes=budget_minutes, command=command_line(params), echo=click.echo,
-                  force=force, weight_column=weight_column, group_column=group_column)
+                  force=force, weight_column=weight_column, group_column=group_column, device=device)
     click.echo("")
     click.echo(table_markdown(res.rows, "lr" in [r.model for r in res.runs]).rstrip())
     click.echo("")

@@ -6,7 +6,7 @@ import json
 
 import click
 
-from deepfm.commands._options import FORMATS, friendly, jsonable
+from deepfm.commands._options import FORMATS, device_option, friendly, jsonable
 from deepfm.errors import DeepFMError
 
 
@@ -19,8 +19,10 @@ from deepfm.errors import DeepFMError
 @click.option("--weight-column", help="Column of per-row sample weights: every metric weighted (default: the "
                                      "bundle's train.weight_column, if the data has that column).")
 @click.option("--group-column", help="Column of group keys (e.g. a user id): adds grouped AUC (gauc).")
+@device_option(default="auto")
 @friendly
-def evaluate_command(bundle, data, fmt, on_bad_rows, as_json, weight_column=None, group_column=None) -> None:
+def evaluate_command(bundle, data, fmt, on_bad_rows, as_json, weight_column=None, group_column=None,
+                     device="auto") -> None:
     """AUC, logloss and calibration of a bundle on labelled data.
 
     \b
@@ -30,7 +32,7 @@ def evaluate_command(bundle, data, fmt, on_bad_rows, as_json, weight_column=None
     from deepfm.serve.predictor import Predictor
     from deepfm.train.metrics import evaluate as metrics
 
-    pred = Predictor(bundle)
+    pred = Predictor(bundle, device=device)
     if weight_column is None:
         weight_column = pred.bundle.training.get("train", {}).get("weight_column")
         if weight_column and not _has_column(data, weight_column):

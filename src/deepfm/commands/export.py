@@ -18,9 +18,13 @@ from deepfm.errors import DeepFMError
 @click.option("--check-rows", type=int, default=10000, show_default=True,
               help="Rows of random encoded input on which the export is checked against the torch model.")
 @click.option("--force", is_flag=True, help="Overwrite --out even if it is not an earlier `deepfm export` file.")
+@click.option("--quantize", type=click.Choice(["int8"]), default=None,
+              help="Write the int8 model (ONNX only; onnxruntime's dynamic quantisation of the MLP's hidden "
+                   "layers after the first, as `deepfm predict --engine int8`); its parity against fp32 is "
+                   "printed, with a warning beyond max |dp| 2e-3.")
 @friendly
 @outputs.interruptible
-def export_command(bundle, fmt, out, check_rows, force) -> None:
+def export_command(bundle, fmt, out, check_rows, force, quantize=None) -> None:
     """Export a bundle's model to ONNX (or TorchScript) and check it against the torch model.
 
     The exported graph takes encoded inputs (idx int64 [batch, slots], val float32 [batch, slots]) and returns
@@ -38,8 +42,10 @@ def export_command(bundle, fmt, out, check_rows, force) -> None:
     from deepfm.serve.bundle import load
     from deepfm.serve.export import check_export, export_onnx, export_torchscript, is_export
 
-    path = Path(out) if out else Path(bundle).resolve().parent / (Path(bundle).resolve().name
-                                                                   + (".onnx" if fmt == "onnx" else ".pt"))
+    if quantize and fmt != "onnx":
+        raise DeepFMError(f"--quantize {quantize} writes ONNX: use --format onnx")
+    suffix = (".int8.onnx" if quantize else ".onnx") if fmt == "onnx" else ".pt"
+    path = Path(out) if out else Path(bundle).resolve().parent / (Path(bundle).resolve().name + suffix)
     if outputs.holds(Path(bundle), path):
         raise DeepFMError(f"--out {path} is inside the bundle {bundle}: write the export beside it")
     outputs.check_file_out(path, lambda p: is_export(p, fmt), f"{fmt} export", force=force, inputs=(bundle,))
@@ -48,14 +54,28 @@ def export_command(bundle, fmt, out, check_rows, force) -> None:
         outputs.check_file_out(calibration_path(path), _ours, "calibration file", force=force)
     try:  # written and checked under a temporary name: a failed check leaves an earlier export at --out intact
         with outputs.locked(path), outputs.atomic_file(path, suffix=path.suffix) as tmp:
-            (export_onnx if fmt == "onnx" else export_torchscript)(b.model, tmp)
+            if quantize:
+                from deepfm.serve.quantize import export_onnx_int8
+
+                export_onnx_int8(b.model, tmp)
+            else:
+                (export_onnx if fmt == "onnx" else export_torchscript)(b.model, tmp)
             diff = check_export(b.model, tmp, fmt, rows=check_rows) if check_rows > 0 else float("nan")
-            if np.isfinite(diff) and diff > 1e-5:
+            if np.isfinite(diff) and diff > 1e-5 and not quantize:
                 raise DeepFMError(f"export check failed: max |p_{fmt} - p_torch| = {diff:.2e} > 1e-5; nothing "
                                   "written")
     except outputs.WRITE_ERRORS as e:
         raise outputs.write_error(e, "the export", path) from None
-    click.echo(f"wrote {path}; max |p_{fmt} - p_torch| over {check_rows:,} random rows: {diff:.2e}")
+    if quantize:
+        from deepfm.serve.quantize import MAX_DP
+
+        click.echo(f"wrote {path} ({quantize}); max |p_{quantize} - p_fp32| over {check_rows:,} random rows: "
+                   f"{diff:.2e} (parity target <= {MAX_DP:g})")
+        if np.isfinite(diff) and diff > MAX_DP:
+            click.echo(f"warning: the {quantize} export misses the parity target (max |dp| {diff:.2e} > "
+                       f"{MAX_DP:g}); compare it on your data with `deepfm predict --engine {quantize}`", err=True)
+    else:
+        click.echo(f"wrote {path}; max |p_{fmt} - p_torch| over {check_rows:,} random rows: {diff:.2e}")
     _calibration_beside(b, path)
 
 

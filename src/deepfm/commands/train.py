@@ -11,6 +11,7 @@ from deepfm.commands._options import (
     BatchSize,
     FiniteFloat,
     batch_size_option,
+    device_option,
     friendly,
     input_format,
     input_options,
@@ -46,6 +47,7 @@ from deepfm.errors import DeepFMError
                    "default preset's): bf16 where this CPU runs the model's GEMMs clearly faster in it "
                    "(measured once, cached; training.json records the decision).")
 @loading_options
+@device_option
 @click.option("--streaming", is_flag=True,
               help="Out of core: fit preprocessing in one streaming pass and train from shards on disk "
                    "(memory bounded by the model and a few shards, whatever the data size).")
@@ -102,7 +104,7 @@ def train_command(fmt, train_path, valid_path, valid_fraction, test_path, schema
           no_cache, streaming, shard_rows, init_from, nproc, checkpoint_every, resume, quiet, force, calibrate=None,
           negative_rate=None, weight_column=None,
           group_column=None, split="random", test_fraction=0.0, valid_from=None, test_from=None, tensorboard_dir=None,
-          tensorboard_every=50, use_mlflow=None) -> None:
+          tensorboard_every=50, use_mlflow=None, device=None) -> None:
     """Train a model and write a bundle.
 
     \b
@@ -131,17 +133,20 @@ def train_command(fmt, train_path, valid_path, valid_fraction, test_path, schema
         if model is not None and model != parent.model.cfg.model:
             raise DeepFMError(f"--init-from: the bundle is a {parent.model.cfg.model} model, not {model}")
     fmt = input_format(fmt, schema_path, train_path)
-    ranked = dist.init_from_env()
-    lead = dist.rank() == 0
-    # before reading data: a missing tensorboard/mlflow package is an error now, not after the preprocessing
-    trackers = tracking(tensorboard_dir, use_mlflow, tensorboard_every,
-                        {"data.train": train_path, "data.format": fmt, "preset": preset}) if lead else []
     batch_size = batch_size_option(batch_size)
     model_cfg, train_cfg = pipeline.resolve_config(preset, list(overrides), model=model, epochs=epochs,
                                                    batch_size=batch_size, lr=lr, seed=seed, threads=threads,
                                                    embedding_update=embedding_update, precision=precision,
                                                    negative_rate=negative_rate, calibrate=calibrate,
-                                                   checkpoint_every=checkpoint_every, weight_column=weight_column)
+                                                   checkpoint_every=checkpoint_every, weight_column=weight_column,
+                                                   device=device)
+    from deepfm.device import resolve_device
+
+    ranked = dist.init_from_env(resolve_device(train_cfg.device))  # nccl only when training on CUDA
+    lead = dist.rank() == 0
+    # before reading data: a missing tensorboard/mlflow package is an error now, not after the preprocessing
+    trackers = tracking(tensorboard_dir, use_mlflow, tensorboard_every,
+                        {"data.train": train_path, "data.format": fmt, "preset": preset}) if lead else []
     from deepfm.data.side import SideColumns
 
     side = SideColumns(train_cfg.weight_column, group_column)

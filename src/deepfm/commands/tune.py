@@ -10,6 +10,7 @@ import click
 from deepfm import outputs
 from deepfm.commands._options import (
     batch_size_option,
+    device_option,
     friendly,
     input_format,
     input_options,
@@ -45,12 +46,13 @@ from deepfm.errors import DeepFMError
 @click.option("--no-prune", is_flag=True, help="Run every trial to the end (no median pruning).")
 @click.option("--resume", is_flag=True, help="Continue the study in --out (same options).")
 @loading_options
+@device_option
 @click.option("--force", is_flag=True, help="Write into --out even if it is a folder that is not a tune output.")
 @friendly
 @outputs.interruptible
 def tune_command(fmt, train_path, valid_path, valid_fraction, schema_path, out, trials, minutes, preset, overrides,
                  model, epochs, batch_size, seed, max_neurons, max_layers, no_prune, resume, threads, min_count,
-                 on_bad_rows, cache_dir, no_cache, force) -> None:
+                 on_bad_rows, cache_dir, no_cache, force, device=None) -> None:
     """Search DeepFM's hyper-parameters with Optuna (TPE, median pruning) for the best validation AUC.
 
     Axes (the paper's Sec. 3.3 study, plus three): dropout 0.1-0.9, neurons per layer, hidden layers,
@@ -82,7 +84,8 @@ def tune_command(fmt, train_path, valid_path, valid_fraction, schema_path, out, 
     outputs.check_dir_out(out, ("tune",), force=force, inputs=(train_path, valid_path, schema_path))
     batch_size = batch_size_option(batch_size)
     model_cfg, train_cfg = pipeline.resolve_config(preset, list(overrides), model=model, epochs=epochs,
-                                                   batch_size=batch_size, seed=seed, threads=threads)
+                                                   batch_size=batch_size, seed=seed, threads=threads,
+                                                   device=device)
     from deepfm import schema as schema_mod
     from deepfm.data import readers
 

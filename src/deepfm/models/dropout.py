@@ -1,5 +1,6 @@
 """The MLP's dropout (paper Sec. 3.1: dropout on the hidden layers): inverted dropout as ``nn.Dropout``, with
-masks drawn from numpy's PCG64 stream, reproducible under ``torch.manual_seed``.
+masks drawn from numpy's PCG64 stream, reproducible under ``torch.manual_seed``. On a GPU the masks are
+drawn there (``nn.functional.dropout``): the same distribution, another stream.
 
 >>> _ = torch.manual_seed(0)
 >>> FastDropout(0.5).train()(torch.ones(2, 4)).unique().tolist()
@@ -93,6 +94,8 @@ class FastDropout(nn.Module):
             if relu and not torch.is_grad_enabled():
                 return x.relu_()  # scoring: x is the Linear's fresh output, used by nothing else
             return torch.relu(x) if relu else x
+        if x.device.type != "cpu":  # a GPU draws its masks itself (torch's generator there, torch.manual_seed)
+            return nn.functional.dropout(torch.relu(x) if relu else x, self.p, training=True)
         c = self.mask(x.shape)
         return _ReLUDropout.apply(x, c, 1.0 / (1.0 - self.p)) if relu else _MaskScale.apply(x, c)
 

@@ -99,7 +99,8 @@ def _save(out: Path, model: CTRModel, pre: Preprocessor, data_format: str | None
           metrics: dict[str, Any], extra_files: dict[str, bytes]) -> Path:
     tmp = outputs.temp_dir(out)  # unique, and 0755 under umask 022 (mkdtemp alone makes 0700)
     try:
-        state = {k: v.detach().float().contiguous() for k, v in model.state_dict().items()}
+        # CPU tensors whatever the device the model trained on: a bundle is device-free
+        state = {k: v.detach().cpu().float().contiguous() for k, v in model.state_dict().items()}
         save_file(state, str(tmp / "model.safetensors"))
         outputs.follow_umask(tmp / "model.safetensors", is_dir=False)  # safetensors creates its files 0600
         with open(tmp / "model.safetensors", "rb+") as fh:

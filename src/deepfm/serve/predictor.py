@@ -6,13 +6,15 @@ API and the server, so training and serving can never disagree.
 - records (``predict_records``, the server): JSON-style dicts encoded by
   :class:`~deepfm.serve.records.RecordEncoder`, which applies the same fitted states per value;
 - engines: ``torch`` (the model itself; batches of <= SMALL_BATCH rows go through the numpy forward of
-  serve.fastpath, which has no per-op dispatch cost) or ``onnxruntime`` (the model exported to ONNX).
+  serve.fastpath, which has no per-op dispatch cost), ``onnxruntime`` (the model exported to ONNX), or
+  ``int8``/``bf16``/``auto`` (serve.quantize: the MLP's hidden GEMMs quantised for batches above
+  SMALL_BATCH rows, checked once against fp32 on the first rows scored).
 """
 
 from __future__ import annotations
 
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -21,17 +23,20 @@ import numpy as np
 import pyarrow as pa
 import torch
 
+from deepfm.accel import accelerate, plain
 from deepfm.data import readers
 from deepfm.data.preprocess import Encoded
 from deepfm.data.store import Batcher
-from deepfm.errors import DataError
+from deepfm.device import model_device, resolve_device, to_device
+from deepfm.errors import DataError, DeepFMError
 from deepfm.layout import layout
 from deepfm.serve.bundle import Bundle, load
 from deepfm.serve.fastpath import SMALL_BATCH, NumpyForward
 from deepfm.serve.records import RecordEncoder
 from deepfm.utils import set_threads
 
-ENGINES = ("torch", "onnxruntime")
+ENGINES = ("torch", "onnxruntime", "int8", "bf16", "auto")
+QUANTISED = ("int8", "bf16", "auto")  # serve.quantize.ENGINES: CPU only
 
 
 @dataclass
@@ -47,13 +52,29 @@ class Predictor:
     """``Predictor(bundle).predict_records([{field: value, ...}])`` -> float64 probabilities.
 
     bundle: a :class:`Bundle` or its folder. threads: intra-op threads (0 = the cores this process may use).
-    engine: ``torch`` or ``onnxruntime`` (exports the model to a temporary ONNX file first).
+    engine: ``torch`` or ``onnxruntime`` (exports the model to a temporary ONNX file first). device: where
+    the torch engine scores batches above SMALL_BATCH rows (``deepfm.device``: cpu, cuda, cuda:N, auto); the
+    bundle is loaded on the CPU, then moved there. Small batches (a served request) keep the numpy path.
+    report: where the int8/bf16/auto engines' one-line parity outcome goes (default: the deepfm.serve logger).
     """
 
-    def __init__(self, bundle: Bundle | str | Path, threads: int = 0, engine: str = "torch") -> None:
+    def __init__(self, bundle: Bundle | str | Path, threads: int = 0, engine: str = "torch",
+                 device: str = "cpu", report: Callable[[str], None] | None = None) -> None:
         if engine not in ENGINES:
-            raise ValueError(f"engine must be one of {ENGINES}, got {engine!r}")
+            raise ValueError(f"engine must be one of {', '.join(ENGINES)}, got {engine!r}")
+        if engine in QUANTISED and device == "auto":
+            device = "cpu"  # the quantised engines are CPU GEMMs
+        if engine in QUANTISED and resolve_device(device).type != "cpu":
+            raise DeepFMError(f"--engine {engine} runs on the CPU; use --engine torch for --device {device}")
+        # onnxruntime runs on the CPU here: "auto" means the CPU for it
+        self.device = resolve_device("cpu" if engine == "onnxruntime" and device == "auto" else device)
+        if engine == "onnxruntime" and self.device.type != "cpu":
+            raise DeepFMError(f"--engine onnxruntime runs on the CPU here; use --engine torch for --device "
+                              f"{device}")
         self.bundle = bundle if isinstance(bundle, Bundle) else load(bundle)
+        model = self.bundle.model
+        if model_device(model).type != "cpu":  # e.g. the estimator's model, trained on a GPU
+            accelerate(model.cpu())
         self.pre = self.bundle.preprocessor
         self.fields = layout(self.pre)
         self.records = RecordEncoder(self.pre)
@@ -73,6 +94,13 @@ class Predictor:
             with tempfile.TemporaryDirectory(prefix="deepfm-onnx-") as tmp:
                 path = export_onnx(self.bundle.model, Path(tmp) / "model.onnx")
                 self.onnx = OnnxForward(path, threads=threads)
+        self.quant = None
+        if engine in QUANTISED:
+            from deepfm.serve.quantize import Scorer
+
+            self.quant = Scorer(self.bundle.model, engine, report=report)
+        if self.device.type != "cpu":  # after the numpy path took its CPU copy of the weights
+            plain(model).to(self.device)
 
     @property
     def data_format(self) -> str | None:
@@ -93,8 +121,13 @@ class Predictor:
             return self.onnx(idx, val)
         if self.small is not None and idx.shape[0] <= SMALL_BATCH:
             return self.small(idx, val)
+        if self.quant is not None:
+            return self.quant(idx, val)
         with torch.no_grad():
-            return self.bundle.model(torch.from_numpy(idx), torch.from_numpy(val)).float().numpy()
+            if self.device.type == "cpu":
+                return self.bundle.model(torch.from_numpy(idx), torch.from_numpy(val)).float().numpy()
+            ti, tv = to_device((torch.from_numpy(idx), torch.from_numpy(val)), self.device)
+            return self.bundle.model(ti, tv).float().cpu().numpy()
 
     def probabilities(self, logits: np.ndarray) -> np.ndarray:
         """float64 [B] served probabilities for the model's logits [B]: sigmoid, then the bundle's
@@ -104,6 +137,13 @@ class Predictor:
     def predict_encoded(self, enc: Encoded, batch_size: int = 65536) -> np.ndarray:
         """float64 [N] probabilities of an encoded block."""
         batcher = Batcher(enc, self.fields)
+        if self.quant is not None and self.quant.chosen is None:  # the parity check, on the first rows scored
+            from deepfm.serve.quantize import MIN_SAMPLE, PARITY_ROWS
+
+            if enc.rows >= MIN_SAMPLE:
+                idx, val, _ = batcher(slice(0, min(enc.rows, PARITY_ROWS)))
+                label = enc.label[:PARITY_ROWS] if enc.label is not None else None
+                self.quant.resolve(idx.numpy(), val.numpy(), label, source="the input")
         out = np.empty(enc.rows, dtype=np.float32)
         for s in range(0, enc.rows, batch_size):
             idx, val, _ = batcher(slice(s, min(enc.rows, s + batch_size)))

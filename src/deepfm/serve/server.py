@@ -63,6 +63,7 @@ class ServeConfig:
     admin_token: str | None = None
     threads: int = 0
     engine: str = "torch"
+    device: str = "cpu"  # where the torch engine scores batches above serve.fastpath.SMALL_BATCH rows
     control: str | None = None  # multi-worker: a JSON file {"bundle", "generation"} every worker follows
     workers: int = 1
     strict_fields: bool = False  # a row key the model does not read: 422 (else reported in the answer)
@@ -362,9 +363,11 @@ def create_app(cfg: ServeConfig, predictor: Predictor | None = None) -> Any:
     reload_lock = asyncio.Lock()
 
     def load_predictor(path: str) -> Predictor:
-        p = Predictor(path, threads=cfg.threads, engine=cfg.engine)
+        p = Predictor(path, threads=cfg.threads, engine=cfg.engine, device=cfg.device)
         p.records.warm()
         p.logits(*p.records.encode(_example_rows(p)))  # the first (slow) call happens before any request
+        if p.quant is not None:  # --engine int8/bf16/auto: the parity check (random rows) before any request
+            p.quant.resolve()
         return p
 
     async def load_bounded(path: str) -> Predictor:

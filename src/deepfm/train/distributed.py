@@ -1,4 +1,6 @@
-"""Data-parallel training on torch.distributed (launched by torchrun): gloo on CPU, nccl on CUDA.
+"""Data-parallel training on torch.distributed (launched by torchrun): gloo on CPU, nccl on CUDA (one process
+per GPU, ``cuda:$LOCAL_RANK``; the backend follows the training device, ``train.device``, never merely the
+presence of CUDA).
 
 Every rank holds the whole model (identical initialisation from the shared seed) and trains on a disjoint
 part of each epoch: its share of the rows (in memory) or of the shards (``--streaming``: shard i belongs
@@ -25,15 +27,29 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
+# where the collectives' own tensors (sizes, flags, gathered arrays) live: the training device under nccl
+_device = torch.device("cpu")
 
-def init_from_env() -> bool:
-    """Join the process group torchrun describes (WORLD_SIZE > 1); False when running alone."""
+
+def backend_for(device: torch.device | None) -> str:
+    """nccl when training on a CUDA device, else gloo (CPU tensors: NCCL cannot take them, even where CUDA
+    is present)."""
+    return "nccl" if device is not None and device.type == "cuda" else "gloo"
+
+
+def init_from_env(device: torch.device | None = None) -> bool:
+    """Join the process group torchrun describes (WORLD_SIZE > 1) for training on ``device`` (None: the
+    CPU); False when running alone."""
+    global _device
     if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
         return False
     if not dist.is_initialized():
-        # The model and batches live on the CPU (there is no device path yet, issue 19): NCCL would be handed
-        # CPU tensors, so gloo even where CUDA is present.
-        dist.init_process_group("gloo", timeout=datetime.timedelta(seconds=int(os.environ.get(
+        backend = backend_for(device)
+        if backend == "nccl":
+            assert device is not None
+            torch.cuda.set_device(device)
+        _device = device if backend == "nccl" and device is not None else torch.device("cpu")
+        dist.init_process_group(backend, timeout=datetime.timedelta(seconds=int(os.environ.get(
             "DEEPFM_DIST_TIMEOUT", "600"))))
     return True
 
@@ -72,7 +88,7 @@ def allgather_rows(rows: torch.Tensor, grads: list[torch.Tensor | None]) -> tupl
     """Each rank's (unique table rows [U_r], per-table gradients [U_r, K]) -> the union over ranks, with the
     gradients of a row summed over ranks and divided by the world size (the mean-loss gradient)."""
     w = world()
-    n = torch.tensor([rows.numel()], dtype=torch.long)
+    n = torch.tensor([rows.numel()], dtype=torch.long, device=rows.device)
     sizes = [torch.zeros_like(n) for _ in range(w)]
     dist.all_gather(sizes, n)
     top = int(max(s.item() for s in sizes))
@@ -101,8 +117,8 @@ def gather_array(x: np.ndarray) -> list[np.ndarray]:
     """Every rank's 1-D float32 array, in rank order (sizes may differ)."""
     if not active():
         return [x]
-    t = torch.from_numpy(np.ascontiguousarray(x, dtype=np.float32))
-    n = torch.tensor([t.numel()], dtype=torch.long)
+    t = torch.from_numpy(np.ascontiguousarray(x, dtype=np.float32)).to(_device)
+    n = torch.tensor([t.numel()], dtype=torch.long, device=_device)
     sizes = [torch.zeros_like(n) for _ in range(world())]
     dist.all_gather(sizes, n)
     top = int(max(s.item() for s in sizes))
@@ -110,14 +126,14 @@ def gather_array(x: np.ndarray) -> list[np.ndarray]:
     padded[: t.numel()] = t
     out = [torch.empty_like(padded) for _ in range(world())]
     dist.all_gather(out, padded)
-    return [o[: int(s.item())].numpy() for o, s in zip(out, sizes, strict=True)]
+    return [o[: int(s.item())].cpu().numpy() for o, s in zip(out, sizes, strict=True)]
 
 
 def broadcast_flag(flag: bool) -> bool:
     """Rank 0's decision (e.g. early stopping), on every rank."""
     if not active():
         return flag
-    t = torch.tensor([int(flag)])
+    t = torch.tensor([int(flag)], device=_device)
     dist.broadcast(t, 0)
     return bool(t.item())
 

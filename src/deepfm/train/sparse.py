@@ -92,17 +92,30 @@ class SparseEmbeddings:
     def __init__(self, model: CTRModel, lr: float) -> None:
         self.tables = list(model.tables().values())  # w, v (and fmdnn's v_dnn): same rows and offsets
         n = self.tables[0].weight.shape[0]
-        self.offsets = self.tables[0].slot_offsets.numpy()
-        self.unique = UniqueRows(n)
+        offsets = self.tables[0].slot_offsets
+        self.offsets = offsets.cpu().numpy()
+        self.device_offsets = offsets  # on the model's device (a GPU: see prepare)
+        self.unique = UniqueRows(n) if offsets.device.type == "cpu" else None
         self.opt = LazyAdam(self.tables, lr)
         self.rows: torch.Tensor | None = None
         self.leaves: list[torch.Tensor] = []  # this step's weight[rows] of each table, between begin and step
 
     def prepare(self, idx: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """idx [B, S] -> (unique rows [U], inv [B, S]); numpy only, so a loader thread can call it."""
+        """idx [B, S] -> (unique rows [U], inv [B, S]). A CPU batch: numpy only (no sort, O(batch)), so a
+        loader thread can call it; a batch on a GPU: ``torch.unique`` there, no copy to the host."""
+        if idx.device.type != "cpu":
+            return self.prepare_on_device(idx)
+        if self.unique is None:  # the tables are on a GPU, the batch is not yet
+            self.unique = UniqueRows(self.tables[0].weight.shape[0])
         flat = (idx.numpy() + self.offsets).reshape(-1)
         uniq, inv = self.unique(flat)
         return torch.from_numpy(uniq), torch.from_numpy(inv).view(idx.shape)
+
+    def prepare_on_device(self, idx: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """``prepare`` in torch ops only, where ``idx`` is (unique rows sorted, as ``torch.unique`` gives them)."""
+        flat = (idx + self.device_offsets.to(idx.device)).reshape(-1)
+        uniq, inv = torch.unique(flat, return_inverse=True)
+        return uniq, inv.view(idx.shape)
 
     def begin(self, rows: torch.Tensor, inv: torch.Tensor) -> None:
         """Make this step's leaves ``weight[rows]`` and have each table read them through ``inv``."""

@@ -123,15 +123,20 @@ class Shuffler:
 
 class RandomState:
     """torch's global generator (initialisation, the seed of each dropout stream) and the model's own random
-    streams (``RandomStream`` modules, in module order)."""
+    streams (``RandomStream`` modules, in module order); on a GPU also the CUDA generator (its dropout)."""
 
     def __init__(self, model: torch.nn.Module) -> None:
         self.streams = [m for m in model.modules() if isinstance(m, RandomStream)]
 
     def state_dict(self) -> dict[str, Any]:
-        return {"torch": torch.get_rng_state(), "streams": [s.rng_state_dict() for s in self.streams]}
+        state = {"torch": torch.get_rng_state(), "streams": [s.rng_state_dict() for s in self.streams]}
+        if torch.cuda.is_available() and torch.cuda.is_initialized():  # dropout on a GPU draws from its generator
+            state["cuda"] = torch.cuda.get_rng_state().cpu()
+        return state
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         torch.set_rng_state(state["torch"])
         for s, st in zip(self.streams, state["streams"], strict=True):
             s.load_rng_state_dict(st)
+        if state.get("cuda") is not None and torch.cuda.is_available():
+            torch.cuda.set_rng_state(state["cuda"].cpu())

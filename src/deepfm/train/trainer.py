@@ -24,8 +24,9 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from deepfm.accel import accelerate, kernels, precision
+from deepfm.accel import accelerate, kernels, plain, precision
 from deepfm.config import check_options
+from deepfm.device import is_cuda, model_device, pin, resolve_device, to_device
 from deepfm.errors import DataError, DeepFMError
 from deepfm.models.ctr import CTRModel
 from deepfm.train import distributed as dist
@@ -76,6 +77,9 @@ class TrainConfig:
     negative_rate: float = 1.0
     # calibration fitted on the validation predictions after training (none, platt, isotonic; deepfm.calibration)
     calibrate: str = "none"
+    # where the model, optimiser state and batches live: "auto" (CUDA when available), "cpu", "cuda", "cuda:N"
+    # (deepfm.device); a runtime key: the same run on another device computes the same thing
+    device: str = "auto"
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> TrainConfig:
@@ -207,9 +211,10 @@ def tune_allocator() -> None:
 _ALLOCATOR_TUNED = False
 
 
-def autocast(precision: str) -> contextlib.AbstractContextManager:
+def autocast(precision: str, device: torch.device | str = "cpu") -> contextlib.AbstractContextManager:
+    """bf16 autocast of the forward on ``device`` (its type: "cpu" or "cuda"), fp32 master weights."""
     if precision == "bf16":
-        return torch.autocast("cpu", dtype=torch.bfloat16)
+        return torch.autocast(device if isinstance(device, str) else device.type, dtype=torch.bfloat16)
     return contextlib.nullcontext()
 
 
@@ -282,15 +287,21 @@ def uses_sparse_update(model: CTRModel, mode: str) -> bool:
 @torch.no_grad()
 def predict_logits(model: CTRModel, batcher: BatchSource, rows: np.ndarray | None = None,
                    batch_size: int = 65536) -> np.ndarray:
-    """Logits for ``rows`` (default: all rows), in row order; eval mode, no autograd."""
+    """Logits for ``rows`` (default: all rows), in row order; eval mode, no autograd. On the model's device:
+    each batch is copied there and its logits back."""
     was_training = model.training
     model.eval()
+    device = model_device(model)
     n = batcher.rows if rows is None else len(rows)
     out = np.empty(n, dtype=np.float32)
     for s in range(0, n, batch_size):
         sel = slice(s, min(n, s + batch_size)) if rows is None else rows[s: s + batch_size]
         idx, val, _ = batcher(sel)
-        out[s: s + idx.shape[0]] = model(idx, val).float().numpy()
+        if device.type == "cpu":
+            out[s: s + idx.shape[0]] = model(idx, val).float().numpy()
+        else:
+            idx, val = to_device((idx, val), device)
+            out[s: s + idx.shape[0]] = model(idx, val).float().cpu().numpy()
     model.train(was_training)
     return out
 
@@ -344,10 +355,16 @@ class Trainer:
         self.model, self.cfg, self.train_source, self.valid, self.valid_rows = model, cfg, train, valid, valid_rows
         self.log_path, self.progress, self.callbacks = log_path, progress, list(callbacks)
         self.threads = set_threads(cfg.threads)
-        accelerate(model)  # the fused CPU kernels, in place: same parameters, same numbers (deepfm.accel)
+        self.device = resolve_device(cfg.device)
+        if self.device.type == "cpu":
+            accelerate(model)  # the fused CPU kernels, in place: same parameters, same numbers (deepfm.accel)
+        else:  # the eager blocks (the C kernels are CPU-only), parameters and buffers on the device
+            plain(model).to(self.device)
         tune_allocator()
-        # a loader thread only helps with a spare core: on a full machine it preempts the compute threads
-        self.prefetch = cfg.prefetch if isinstance(cfg.prefetch, bool) else available_cores() > self.threads
+        # a loader thread only helps with a spare core: on a full machine it preempts the compute threads (on a
+        # GPU the cores are free: the loader builds and pins the next batches while the device computes)
+        self.prefetch = (cfg.prefetch if isinstance(cfg.prefetch, bool)
+                         else self.device.type != "cpu" or available_cores() > self.threads)
         self.shuffler = Shuffler(train, train_rows, cfg.seed)  # the epoch order: the same on every rank
         self.n_rows = self.shuffler.size
         if self.n_rows == 0:
@@ -363,8 +380,7 @@ class Trainer:
         self.position = Position()
         self.batch_size = resolve_batch_size(cfg.batch_size, self.n_rows)
         self.rank_batch = max(1, self.batch_size // self.ranks)  # the global batch stays batch_size rows
-        device = next(model.parameters()).device.type
-        self.precision = precision.decide(cfg.precision, model, self.rank_batch, device)  # "auto" resolved
+        self.precision = precision.decide(cfg.precision, model, self.rank_batch, self.device.type)  # "auto" resolved
         self.every = next((cb.every for cb in self.callbacks if cb.every), 0)  # steps between save points
         self.step_callbacks = [cb for cb in self.callbacks if cb.log_every] if self.lead else []
         self.evals = resolve_evals_per_epoch(cfg.evals_per_epoch, self.n_rows) if valid is not None else 1
@@ -400,8 +416,12 @@ class Trainer:
         self.validate_first = validate_first
         for cb in self.callbacks:
             cb.on_fit_start(self)
-        if self.progress and self.lead and next(model.parameters()).device.type == "cpu":
+        if self.progress and self.lead and self.device.type == "cpu":
             _log(f"fused CPU kernels: {kernels.status()}")  # built (once per machine) on first use
+        elif self.lead and self.device.type != "cpu":
+            name = torch.cuda.get_device_name(self.device) if is_cuda(self.device) else str(self.device)
+            _log(f"device {self.device} ({name}): eager model, batches copied from pinned memory",
+                 console=self.progress)
         if self.lead and cfg.precision == "auto":
             _log(precision.describe(self.precision), console=self.progress)
         if self.log_path is not None and self.lead:  # the log holds exactly the epochs of the history
@@ -476,19 +496,26 @@ class Trainer:
         """Training steps pos.step .. end - 1 of the epoch ordered by ``perm``."""
         pos, model, upd, rank_batch = self.position, self.model, self.updater, self.rank_batch
         emb_l2 = model.cfg.embedding_l2
+        device = self.device
+        on_cpu = device.type == "cpu"
 
         def make(step: int) -> tuple:
             sel = np.sort(perm[step * rank_batch: (step + 1) * rank_batch])  # sorted: mmap locality
             idx, val, y = self.train_source(sel)
             w = (None if self.train_weights is None
                  else torch.from_numpy(np.asarray(self.train_weights[sel], dtype=np.float32)))
+            if not on_cpu:  # the one pinned host buffer per batch, made here, off the training thread
+                return (*pin((idx, val, y, w)), None)
             if self.prefetch:
-                model.premake_dropout(len(sel))
+                model.premake_dropout(len(sel))  # CPU masks (numpy); on a GPU dropout draws on the device
             return idx, val, y, w, upd.prepare(idx)
 
         for idx, val, y, w, prepared in Prefetcher(make, end, threaded=self.prefetch, start=pos.step):
+            if not on_cpu:  # asynchronous copies; the touched rows of the sparse update found on the device
+                idx, val, y, w = to_device((idx, val, y, w), device)
+                prepared = upd.prepare(idx)
             upd.begin(prepared)
-            with autocast(self.precision.chosen):
+            with autocast(self.precision.chosen, device):
                 logit = model(idx, val).float()
             if w is None:
                 loss = self.loss_fn(logit, y)
@@ -567,7 +594,7 @@ class Trainer:
         n = valid.rows if rows is None else len(rows)
         head = np.arange(min(n, PARITY_ROWS)) if rows is None else rows[:PARITY_ROWS]
         ref = sigmoid(predict_logits(model, valid, head, bs))
-        with autocast("bf16"):
+        with autocast("bf16", self.device):
             logits = predict_logits(model, valid, rows, bs)
         p = sigmoid(logits[: len(head)])
         dp = float(np.abs(p - ref).max()) if len(head) else 0.0
