@@ -416,7 +416,37 @@ def write_doc(out: Path, cmd: str, sets: list[dict], names: list[str], peers: li
 
 
 # the hand-written part of docs/quality.md (decisions, targets), appended as is
-NOTES: list[str] = """## What changed in the default, and why
+NOTES: list[str] = """## Levers measured on 2026-12-02 (validation; the record of the choices below)
+
+Each lever was the default preset of that day (embedding 10, MLP 400-400-400) with the listed options (LEVERS in scripts/quality.py), on the same splits and seeds. Cells: validation AUC / validation logloss (mean over seeds; the choice of defaults was made on these), then the test AUC for information. `n` = seeds run.
+
+| lever | options | criteo | avazu | frappe | movielens | ipinyou |
+|---|---|---|---|---|---|---|
+| old-default | batch norm on, no wide start | 0.7183 / 0.4821 (test 0.7148, n=3) | 0.6794 / 0.4661 (test 0.7019, n=3) | 0.9284 / 0.3058 (test 0.9278, n=3) | 0.8502 / 0.3913 (test 0.8435, n=2) |  |
+| nobn | batch_norm=false | 0.7350 / 0.4678 (test 0.7355, n=3) | 0.6924 / 0.4342 (test 0.7212, n=3) | 0.9259 / 0.3091 (test 0.9258, n=3) | 0.8500 / 0.3881 (test 0.8453, n=2) |  |
+| nobn-e4 | batch_norm=false, evals_per_epoch=4 | 0.7368 / 0.4661 (test 0.7376, n=3) | 0.7011 / 0.4330 (test 0.7194, n=3) | 0.9252 / 0.3111 (test 0.9258, n=2) |  |  |
+| nobn-init-l2 | batch_norm=false, init_std=1.0e-2, embedding_l2=1.0e-2 | 0.7365 / 0.4662 (test 0.7332, n=3) | 0.6936 / 0.4340 (test 0.7256, n=3) | 0.9229 / 0.3187 (test 0.9242, n=1) |  |  |
+| nobn-e4-init-l2 | batch_norm=false, evals_per_epoch=4, init_std=1.0e-2, embedding_l2=1.0e-2 | 0.7372 / 0.4651 (test 0.7356, n=3) | 0.7044 / 0.4338 (test 0.7181, n=3) | 0.9229 / 0.3187 (test 0.9242, n=1) |  |  |
+| nobn-d0.5 | batch_norm=false, dropout=0.5 | 0.7383 / 0.4688 (test 0.7348, n=3) | 0.6932 / 0.4329 (test 0.7215, n=3) | 0.9229 / 0.3203 (test 0.9250, n=1) |  |  |
+| nobn-h200 | batch_norm=false, hidden=[200,200] | 0.7400 / 0.4644 (test 0.7314, n=3) | 0.6973 / 0.4287 (test 0.7231, n=3) | 0.9233 / 0.3176 (test 0.9249, n=1) |  |  |
+| nobn-lr3e-3 | batch_norm=false, lr=3.0e-3 | 0.7360 / 0.4698 (test 0.7291, n=3) | 0.6925 / 0.4342 (test 0.7236, n=3) |  |  |  |
+| nobn-bs512 | batch_norm=false, batch_size=512 | 0.7342 / 0.4664 (test 0.7346, n=3) | 0.6998 / 0.4291 (test 0.7300, n=3) |  |  |  |
+| nobn-w10 | batch_norm=false, wide_lr_scale=10 | 0.7392 / 0.4633 (test 0.7342, n=3) | 0.7007 / 0.4291 (test 0.7332, n=3) |  |  |  |
+| nobn-w30 | batch_norm=false, wide_lr_scale=30 | 0.7303 / 0.4764 (test 0.7198, n=3) | 0.6981 / 0.4368 (test 0.7349, n=3) |  |  |  |
+| ws | batch_norm=false, wide_start=true | 0.7474 / 0.4582 (test 0.7350, n=3) | 0.7039 / 0.4262 (test 0.7359, n=3) |  |  |  |
+| ws-e4 | batch_norm=false, wide_start=true, evals_per_epoch=4 | 0.7398 / 0.4614 (test 0.7347, n=3) | 0.7019 / 0.4288 (test 0.7245, n=3) |  |  |  |
+| bn-bs2048 | batch_size=2048 |  |  | 0.9302 / 0.3506 (test 0.9299, n=1) |  |  |
+| bn-init1e-2 | init_std=1.0e-2 |  |  | 0.9270 / 0.3123 (test 0.9288, n=1) |  |  |
+| bn-bs2048-init1e-2 | batch_size=2048, init_std=1.0e-2 |  |  | 0.9293 / 0.3360 (test 0.9334, n=1) |  |  |
+| bn-e16 | embed_dim=16 |  |  | 0.9257 / 0.3168 (test 0.9255, n=1) |  |  |
+| bn-l2e-2 | embedding_l2=1.0e-2 |  |  | 0.9262 / 0.3125 (test 0.9261, n=1) |  |  |
+| bn-netl2e-3 | net_l2=1.0e-3 |  |  | 0.9265 / 0.3104 (test 0.9253, n=1) |  |  |
+| bn-l2e-2-init1e-2 | embedding_l2=1.0e-2, init_std=1.0e-2 |  |  | 0.9269 / 0.3136 (test 0.9292, n=1) |  |  |
+| lr | model=lr | 0.7433 / 0.4602 (test 0.7357, n=3) | 0.7035 / 0.4266 (test 0.7352, n=3) | 0.9152 / 0.4620 (test 0.9149, n=3) | 0.8356 / 0.4131 (test 0.8289, n=3) | 0.5556 / 0.0499 (test 0.5393, n=3) |
+| lr-lr1e-2 | model=lr, lr=1.0e-2 | 0.7421 / 0.4616 (test 0.7340, n=3) | 0.7046 / 0.4271 (test 0.7347, n=3) |  |  |  |
+| fm-w10 | model=fm, wide_lr_scale=10 | 0.7401 / 0.4642 (test 0.7306, n=3) | 0.7025 / 0.4301 (test 0.7339, n=3) |  |  |  |
+
+## What changed in the default, and why
 
 **2026-12-03: embedding 16, MLP 256-128, net L2 1e-3, one learning-rate cut before stopping.** Measured as the
 candidate `cand` (`--variant cand 'model.embed_dim=16;model.hidden=[256,128];model.net_l2=1e-3;`
@@ -463,31 +493,27 @@ validation figures every choice was made on. What they show:
 
 ## Targets
 
-- Criteo and Avazu samples: default DeepFM against the best of LR, FM and the peers' DeepFM, see each table's
-  `target` line. LR and FM (which now also starts from LR below 20k rows) are matched; DeepCTR-Torch's DeepFM
-  is ahead on the Criteo test split. That gap does not show on validation (DeepCTR-Torch's validation AUC
-  is below ours on the same splits): the Criteo test rows come later in time than the train rows the
-  validation split is drawn from. Bucketizing the 13 integer fields (`transform: bucketize`, as the peers'
-  inputs here are binned) gives +0.010 test AUC for both LR and DeepFM on Criteo but -0.004 / -0.005 on
-  validation, so it was not chosen.
-- Frappe (own 80/20 split of the validation file): the default is ahead of LR, FM and pytorch-fm and level
-  with DeepCTR-Torch in AUC (with a lower logloss), but **torch-rechub's DeepFM is ahead by about 0.013
-  AUC** (embedding 16, MLP 256-128 with
-  batch norm, dropout 0.2, Adam weight decay 1e-3 on every parameter, batch 2048, about 12 epochs). Init
-  N(0, 0.01), embedding L2 1e-2, net L2 1e-3, embedding 16 and batch 2048 each moved validation AUC by at most
-  +0.004 (one seed, lever table) and not the monitored AUC - logloss, so the default is unchanged at this
-  size: **missed**, the gap is open. The 60-line reference's held-out figures (0.949 / 0.333) are on another
-  protocol (trained on the whole file) and cannot be checked here.
-- MovieLens (72k training rows): **missed**: torch-rechub's DeepFM is ahead by 0.0055 AUC / 0.008 logloss,
-  and so is our own `paper` preset by 0.003 AUC (the default was not re-tuned at this size in this session).
-- Synthetic 100k: **met** (default ahead of every reference in AUC, logloss within 0.001 of LR).
-- iPinYou: missed, but its test split has 50 clicks (AUC noise about ±0.04): reported, not tuned for.
-- Criteo sample: **missed** by 0.005 AUC against DeepCTR-Torch (logloss met).
-- Avazu sample: **met** (AUC level with FM/LR, logloss best).
-- `deepfm synth` at 1M rows (oracle gap, no loss against the previous default): not run in this session
-  (`--synth-1m`, about an hour of 2 shared cores); since the default is the previous one at that size, the
-  previous figure stands (README: demo, 1M rows, AUC gap to the oracle 0.016 - the 0.01 target is missed
-  there too).
+Figures from the tables above (3 seeds, test; the choices were made on validation):
+
+- **Met** on Avazu (AUC level with the best reference, LR/FM at 0.7364; logloss +0.0001), Frappe (0.9401 against
+  torch-rechub's 0.9411, -0.0010; logloss 0.2867, the best by 0.013), MovieLens (0.8501 against torch-rechub's
+  0.8489; logloss +0.0019 against its 0.3886) and the synthetic 100k set (+0.0073 AUC over DeepCTR-Torch, logloss
+  the best).
+- **Criteo sample: missed** by 0.0059 AUC against DeepCTR-Torch (logloss +0.0017, met). The gap does not show
+  on validation (DeepCTR-Torch's validation AUC 0.7403 against our 0.7471 on the same splits): the Criteo test
+  rows come later in time than the train rows the validation split is drawn from, and the peers see the 13
+  integer fields as 16 equal-frequency bins. Bucketizing them (`transform: bucketize`) gives +0.010 test AUC for
+  both LR and DeepFM on Criteo but -0.004 / -0.005 on validation (2026-12-02), so it was not chosen.
+- **iPinYou: missed**, but its test split has 50 clicks (AUC noise about ±0.04, seed std 0.05 here): reported,
+  not tuned for. The new default has the best validation AUC there (0.6274 against 0.6103 before).
+- **1M rows** (`python scripts/quality.py --sets synth --synth-1m --candidates '' --variant old ... --variant
+  cand ... --seeds 2`, 2026-12-03, same machine, 1 thread, alternating): previous default test AUC 0.7925 ±
+  0.0005 / logloss 0.4384, new default 0.7915 ± 0.0005 / 0.4388 (validation AUC 0.7950 against 0.7949, level);
+  oracle 0.8087, so the gap to the oracle is 0.017 (the 0.01 target is missed, as before: 0.016). Training speed
+  at 1M rows: 34.6k against 28.4k rows/s on the first seed's runs (1 thread, machine loaded by other jobs: a
+  ratio, not a figure), the smaller MLP being cheaper per sample; the default therefore does not lose speed.
+  The -0.0010 test AUC at 1M is twice the seed std but level on validation: a loss of that size at 1M rows
+  remains possible, and is stated here.
 
 ## Peers
 
