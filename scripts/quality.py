@@ -416,35 +416,9 @@ def write_doc(out: Path, cmd: str, sets: list[dict], names: list[str], peers: li
 
 
 # the hand-written part of docs/quality.md (decisions, targets), appended as is
-NOTES: list[str] = """## Levers measured on 2026-12-02 (validation; the record of the choices below)
-
-Each lever was the default preset of that day (embedding 10, MLP 400-400-400) with the listed options (LEVERS in scripts/quality.py), on the same splits and seeds. Cells: validation AUC / validation logloss (mean over seeds; the choice of defaults was made on these), then the test AUC for information. `n` = seeds run.
-
-| lever | options | criteo | avazu | frappe | movielens | ipinyou |
-|---|---|---|---|---|---|---|
-| old-default | batch norm on, no wide start | 0.7183 / 0.4821 (test 0.7148, n=3) | 0.6794 / 0.4661 (test 0.7019, n=3) | 0.9284 / 0.3058 (test 0.9278, n=3) | 0.8502 / 0.3913 (test 0.8435, n=2) |  |
-| nobn | batch_norm=false | 0.7350 / 0.4678 (test 0.7355, n=3) | 0.6924 / 0.4342 (test 0.7212, n=3) | 0.9259 / 0.3091 (test 0.9258, n=3) | 0.8500 / 0.3881 (test 0.8453, n=2) |  |
-| nobn-e4 | batch_norm=false, evals_per_epoch=4 | 0.7368 / 0.4661 (test 0.7376, n=3) | 0.7011 / 0.4330 (test 0.7194, n=3) | 0.9252 / 0.3111 (test 0.9258, n=2) |  |  |
-| nobn-init-l2 | batch_norm=false, init_std=1.0e-2, embedding_l2=1.0e-2 | 0.7365 / 0.4662 (test 0.7332, n=3) | 0.6936 / 0.4340 (test 0.7256, n=3) | 0.9229 / 0.3187 (test 0.9242, n=1) |  |  |
-| nobn-e4-init-l2 | batch_norm=false, evals_per_epoch=4, init_std=1.0e-2, embedding_l2=1.0e-2 | 0.7372 / 0.4651 (test 0.7356, n=3) | 0.7044 / 0.4338 (test 0.7181, n=3) | 0.9229 / 0.3187 (test 0.9242, n=1) |  |  |
-| nobn-d0.5 | batch_norm=false, dropout=0.5 | 0.7383 / 0.4688 (test 0.7348, n=3) | 0.6932 / 0.4329 (test 0.7215, n=3) | 0.9229 / 0.3203 (test 0.9250, n=1) |  |  |
-| nobn-h200 | batch_norm=false, hidden=[200,200] | 0.7400 / 0.4644 (test 0.7314, n=3) | 0.6973 / 0.4287 (test 0.7231, n=3) | 0.9233 / 0.3176 (test 0.9249, n=1) |  |  |
-| nobn-lr3e-3 | batch_norm=false, lr=3.0e-3 | 0.7360 / 0.4698 (test 0.7291, n=3) | 0.6925 / 0.4342 (test 0.7236, n=3) |  |  |  |
-| nobn-bs512 | batch_norm=false, batch_size=512 | 0.7342 / 0.4664 (test 0.7346, n=3) | 0.6998 / 0.4291 (test 0.7300, n=3) |  |  |  |
-| nobn-w10 | batch_norm=false, wide_lr_scale=10 | 0.7392 / 0.4633 (test 0.7342, n=3) | 0.7007 / 0.4291 (test 0.7332, n=3) |  |  |  |
-| nobn-w30 | batch_norm=false, wide_lr_scale=30 | 0.7303 / 0.4764 (test 0.7198, n=3) | 0.6981 / 0.4368 (test 0.7349, n=3) |  |  |  |
-| ws | batch_norm=false, wide_start=true | 0.7474 / 0.4582 (test 0.7350, n=3) | 0.7039 / 0.4262 (test 0.7359, n=3) |  |  |  |
-| ws-e4 | batch_norm=false, wide_start=true, evals_per_epoch=4 | 0.7398 / 0.4614 (test 0.7347, n=3) | 0.7019 / 0.4288 (test 0.7245, n=3) |  |  |  |
-| bn-bs2048 | batch_size=2048 |  |  | 0.9302 / 0.3506 (test 0.9299, n=1) |  |  |
-| bn-init1e-2 | init_std=1.0e-2 |  |  | 0.9270 / 0.3123 (test 0.9288, n=1) |  |  |
-| bn-bs2048-init1e-2 | batch_size=2048, init_std=1.0e-2 |  |  | 0.9293 / 0.3360 (test 0.9334, n=1) |  |  |
-| bn-e16 | embed_dim=16 |  |  | 0.9257 / 0.3168 (test 0.9255, n=1) |  |  |
-| bn-l2e-2 | embedding_l2=1.0e-2 |  |  | 0.9262 / 0.3125 (test 0.9261, n=1) |  |  |
-| bn-netl2e-3 | net_l2=1.0e-3 |  |  | 0.9265 / 0.3104 (test 0.9253, n=1) |  |  |
-| bn-l2e-2-init1e-2 | embedding_l2=1.0e-2, init_std=1.0e-2 |  |  | 0.9269 / 0.3136 (test 0.9292, n=1) |  |  |
-| lr | model=lr | 0.7433 / 0.4602 (test 0.7357, n=3) | 0.7035 / 0.4266 (test 0.7352, n=3) | 0.9152 / 0.4620 (test 0.9149, n=3) | 0.8356 / 0.4131 (test 0.8289, n=3) | 0.5556 / 0.0499 (test 0.5393, n=3) |
-| lr-lr1e-2 | model=lr, lr=1.0e-2 | 0.7421 / 0.4616 (test 0.7340, n=3) | 0.7046 / 0.4271 (test 0.7347, n=3) |  |  |  |
-| fm-w10 | model=fm, wide_lr_scale=10 | 0.7401 / 0.4642 (test 0.7306, n=3) | 0.7025 / 0.4301 (test 0.7339, n=3) |  |  |  |
+NOTES: list[str] = """The levers measured on 2026-12-02, on which the batch-norm and wide-start rules were
+chosen, are in
+[levers-2026-12-02.md](levers-2026-12-02.md).
 
 ## What changed in the default, and why
 
