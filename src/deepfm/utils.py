@@ -23,6 +23,21 @@ def digest(obj: Any, length: int | None = None) -> str:
     return h if length is None else h[:length]
 
 
+def cpu_info() -> tuple[str, frozenset[str]]:
+    """(model name, every flag) of this CPU from /proc/cpuinfo (the platform's name and no flags off Linux)."""
+    import platform
+    import re
+
+    name = platform.processor() or platform.machine()
+    try:
+        text = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return name, frozenset()
+    m = re.search(r"^model name\s*:\s*(.+)$", text, re.M)
+    f = re.search(r"^flags\s*:\s*(.+)$", text, re.M)
+    return (m.group(1).strip() if m else name), frozenset(f.group(1).split() if f else ())
+
+
 def sigmoid(x: np.ndarray) -> np.ndarray:
     """Probabilities from logits, in float64."""
     with np.errstate(over="ignore"):  # exp overflows to inf for logits below -709: 1 / (1 + inf) = 0, exact

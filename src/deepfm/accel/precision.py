@@ -14,8 +14,6 @@ from __future__ import annotations
 
 import json
 import logging
-import platform
-import re
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
@@ -25,7 +23,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from deepfm import outputs
+from deepfm import outputs, utils
 from deepfm.utils import default_cache_dir, digest
 
 log = logging.getLogger("deepfm.precision")
@@ -64,17 +62,7 @@ class Decision:
 
 def cpu_info() -> tuple[str, tuple[str, ...]]:
     """(model name, the FLAGS this CPU has) from /proc/cpuinfo (empty flags off Linux)."""
-    name, flags = platform.processor() or platform.machine(), set()
-    try:
-        text = Path("/proc/cpuinfo").read_text()
-    except OSError:
-        return name, ()
-    m = re.search(r"^model name\s*:\s*(.+)$", text, re.M)
-    f = re.search(r"^flags\s*:\s*(.+)$", text, re.M)
-    if m:
-        name = m.group(1).strip()
-    if f:
-        flags = set(f.group(1).split())
+    name, flags = utils.cpu_info()
     return name, tuple(x for x in FLAGS if x in flags)
 
 

@@ -34,7 +34,6 @@ from __future__ import annotations
 import contextlib
 import copy
 import logging
-import re
 import tempfile
 import time
 import warnings
@@ -50,7 +49,7 @@ from deepfm.errors import DeepFMError
 from deepfm.models.ctr import CTRModel
 from deepfm.models.layers import FastDropout
 from deepfm.train.metrics import auc
-from deepfm.utils import sigmoid
+from deepfm.utils import cpu_info, sigmoid
 
 log = logging.getLogger("deepfm.serve")
 
@@ -62,12 +61,8 @@ SPEED_ROWS, SPEED_BUDGET_S = 2048, 0.3
 MIN_SAMPLE = 1000  # fewer rows given (a request): the check runs on random rows instead
 
 
-def _cpu_flags() -> set[str]:
-    try:
-        m = re.search(r"^flags\s*:\s*(.+)$", Path("/proc/cpuinfo").read_text(), re.M)
-    except OSError:
-        return set()
-    return set(m.group(1).split()) if m else set()
+def _cpu_flags() -> frozenset[str]:
+    return cpu_info()[1]
 
 
 def has_fast_bf16() -> bool:
